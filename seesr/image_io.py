@@ -1,0 +1,243 @@
+"""Image input/output shared by every command: input expansion, robust loading, atomic writes, sharding.
+
+Loading always yields an 8-bit RGB image plus, when the file had one, a separate 8-bit alpha channel, so that
+the models see one pixel convention and the alpha can be put back on the result (resized to the output size).
+Writes go to a temporary file in the destination folder and are moved into place with `os.replace`, so a
+crash or a bad input never leaves a half-written file behind.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+ALPHA_FORMATS: frozenset[str] = frozenset({"PNG", "WEBP", "TIFF"})
+_GLOB_CHARS = "*?["
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+T = TypeVar("T")
+
+
+class ImageLoadError(ValueError):
+    """An input file could not be read as an image; the message is one line, `path: reason`."""
+
+
+@dataclass
+class LoadedImage:
+    """A decoded input image.
+
+    Attributes:
+        rgb: the pixels as an 8-bit `RGB` image (EXIF orientation applied).
+        alpha: the transparency as an 8-bit `L` image of the same size, or None when the file had none.
+        path: the file it came from.
+        mode: the PIL mode of the file before conversion (e.g. `I;16`, `P`, `RGBA`).
+    """
+
+    rgb: Image.Image
+    alpha: Image.Image | None
+    path: Path
+    mode: str
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
+    """Expand files, folders (recursively, image extensions only, sorted) and glob patterns.
+
+    Returns the files in a stable order without duplicates (first occurrence wins), and one-line error
+    strings for inputs that do not exist, globs that match nothing and folders without images.
+    """
+    files: list[Path] = []
+    errors: list[str] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if _is_image_file(p))
+            if not found:
+                errors.append(f"{pattern}: folder contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+            for p in found:
+                add(p)
+        elif path.is_file():
+            add(path)
+        elif any(c in pattern for c in _GLOB_CHARS):
+            found = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
+            if not found:
+                errors.append(f"{pattern}: pattern matches no files")
+            for p in found:
+                add(p)
+        else:
+            errors.append(f"{pattern}: no such file or folder")
+    return files, errors
+
+
+def _sixteen_bit_to_8bit(image: Image.Image) -> Image.Image:
+    # Pillow opens 16-bit grey PNG/TIFF as I;16* (or I): map [0, 65535] onto [0, 255] (x / 257, rounded).
+    array = np.asarray(image).astype(np.float64)
+    array = np.clip(array, 0, 65535) / 257.0
+    return Image.fromarray(np.round(array).astype(np.uint8), mode="L")
+
+
+def _float_to_8bit(image: Image.Image) -> Image.Image:
+    # Float images (mode F, e.g. 32-bit TIFF) are taken to be in [0, 1].
+    array = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0)
+    return Image.fromarray(np.round(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
+
+
+def _to_rgb_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None]:
+    mode = image.mode
+    if mode == "P" or mode == "PA":
+        image = image.convert("RGBA") if (mode == "PA" or "transparency" in image.info) else image.convert("RGB")
+    elif mode in ("RGBa", "La"):
+        image = image.convert("RGBA")
+    elif mode in ("L", "RGB") and "transparency" in image.info:
+        image = image.convert("LA" if mode == "L" else "RGBA")
+    elif mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_8bit(image)
+    elif mode == "F":
+        image = _float_to_8bit(image)
+
+    alpha = None
+    if image.mode in ("RGBA", "LA"):
+        alpha = image.getchannel("A")
+        image = image.convert("L" if image.mode == "LA" else "RGB")
+    if image.mode != "RGB":
+        image = image.convert("RGB")  # 1, L, CMYK, YCbCr, LAB, HSV
+    return image, alpha
+
+
+def load_image(path: str | Path, max_pixels: int | None = 64_000_000) -> LoadedImage:
+    """Load an image as 8-bit RGB (+ separate alpha), applying its EXIF orientation.
+
+    The pixel count is checked against `max_pixels` from the header, before any pixel data is decoded.
+    Supported modes: 1, L, LA, P (with transparency), I;16*, I (16-bit range), F ([0, 1] range), RGB, RGBA,
+    CMYK and the other modes Pillow can convert to RGB.
+
+    Raises:
+        ImageLoadError: one line `path: reason` for missing, empty, truncated, non-image or oversized files.
+    """
+    path = Path(path)
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError(f"max_pixels must be a positive int or None, got {max_pixels!r}")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageLoadError(
+                    f"{path}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
+                )
+            image.load()
+            original_mode = image.mode
+            image = ImageOps.exif_transpose(image)
+            rgb, alpha = _to_rgb_and_alpha(image)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(f"{path}: refused as a possible decompression bomb ({exc})") from exc
+    except FileNotFoundError as exc:
+        raise ImageLoadError(f"{path}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise ImageLoadError(f"{path}: is a folder, not an image file") from exc
+    except UnidentifiedImageError as exc:
+        reason = "empty file" if path.is_file() and path.stat().st_size == 0 else "not a recognised image file"
+        raise ImageLoadError(f"{path}: {reason}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageLoadError(f"{path}: cannot decode image ({message})") from exc
+    return LoadedImage(rgb=rgb, alpha=alpha, path=path, mode=original_mode)
+
+
+def _temp_path(path: Path) -> Path:
+    # Same folder (so os.replace is atomic), hidden, and ending in the real suffix for writers that sniff it.
+    return path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:12]}{path.suffix}")
+
+
+def atomic_save_file(write_fn: Callable[[Path], T], path: str | Path) -> T:
+    """Call `write_fn(tmp_path)` and move the result onto `path`; on any error remove the temporary file.
+
+    The parent folder is created if needed. Returns whatever `write_fn` returns.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        result = write_fn(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    atomic_save_file(lambda tmp: tmp.write_text(text, encoding="utf-8"), path)
+
+
+def image_format_for(path: str | Path) -> str:
+    """The Pillow format name for a file suffix, e.g. `.jpg` -> `JPEG`."""
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None:
+        raise ValueError(
+            f"path {str(path)!r} has an unsupported image suffix {suffix!r}; expected one of "
+            f"{', '.join(sorted(IMAGE_EXTENSIONS))}"
+        )
+    return fmt
+
+
+def atomic_save_image(
+    image: Image.Image, path: str | Path, alpha: Image.Image | None = None, **save_kwargs: object
+) -> None:
+    """Save `image` atomically, with the format taken from the suffix of `path`.
+
+    When `alpha` is given and the format stores transparency (PNG, WebP, TIFF) it is resized to the image size
+    (bicubic) and attached; for other formats it is dropped with a debug log line.
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image.Image, got {type(image).__name__}")
+    fmt = image_format_for(path)
+    if alpha is not None:
+        if fmt in ALPHA_FORMATS:
+            if alpha.mode != "L":
+                alpha = alpha.convert("L")
+            if alpha.size != image.size:
+                alpha = alpha.resize(image.size, Image.Resampling.BICUBIC)
+            image = image.convert("RGB")
+            image.putalpha(alpha)
+        else:
+            logger.debug("%s: format %s has no alpha channel; transparency dropped", path, fmt)
+    if fmt == "JPEG" and image.mode not in ("RGB", "L", "CMYK"):
+        image = image.convert("RGB")
+    kwargs = dict(save_kwargs)
+    atomic_save_file(lambda tmp: image.save(tmp, format=fmt, **kwargs), path)
+
+
+def shard(items: list[T], process_index: int, num_processes: int) -> list[T]:
+    """Round-robin share of `items` for one process: each item goes to exactly one process."""
+    if not isinstance(num_processes, int) or num_processes < 1:
+        raise ValueError(f"num_processes must be an int >= 1, got {num_processes!r}")
+    if not isinstance(process_index, int) or not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be an int in [0, {num_processes}), got {process_index!r}")
+    return list(items[process_index::num_processes])
