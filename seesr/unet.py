@@ -1,0 +1,224 @@
+"""SeeSR's UNet: the stock diffusers ``UNet2DConditionModel`` plus representation cross-attention (RCA).
+
+Loads the released ``seesr/unet`` folder unchanged (``config.json`` with ``"use_image_cross_attention": true``,
+stock diffusers key names plus ``*.image_attentions.*``), strictly: a missing or unexpected key is an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from torch import nn
+
+from .rca import RCA_MODULE_NAME, add_rca, with_image_tokens, zero_rca_outputs
+
+logger = logging.getLogger(__name__)
+
+
+def check_loading_info(info: dict[str, list], name: str, source: str | os.PathLike) -> None:
+    """Raise if ``from_pretrained(..., output_loading_info=True)`` reported any missing / unexpected key."""
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
+            problems.append(f"{kind.replace('_', ' ')}: {shown}")
+    if problems:
+        raise ValueError(f"{name}: the weights in {source} do not match the model config; " + "; ".join(problems))
+
+
+class StrictLoadingMixin:
+    """``from_pretrained`` that fails on any missing or unexpected key instead of initialising it randomly."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        wants_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(pretrained_model_name_or_path, output_loading_info=True, **kwargs)
+        where = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        check_loading_info(info, cls.__name__, where)
+        return (model, info) if wants_info else model
+
+
+class SeeSRUNet2DConditionModel(StrictLoadingMixin, UNet2DConditionModel):
+    """``UNet2DConditionModel`` with SeeSR's RCA after every text cross-attention.
+
+    Extra config fields: ``use_image_cross_attention`` (add RCA; False gives the stock UNet) and
+    ``image_cross_attention_dim`` (width of the DAPE tokens, 512 in SeeSR; not in the released config, whose
+    value it defaults to). ``forward`` takes ``image_encoder_hidden_states`` (B, N, image_cross_attention_dim);
+    without it RCA is skipped and the output equals the stock UNet's.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        center_input_sample: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+        up_block_types: tuple[str, ...] = (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        only_cross_attention: bool | tuple[bool] = False,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int | tuple[int] = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        norm_num_groups: int | None = 32,
+        norm_eps: float = 1e-05,
+        cross_attention_dim: int | tuple[int] = 1280,
+        transformer_layers_per_block: int | tuple[int] | tuple[tuple] = 1,
+        reverse_transformer_layers_per_block: tuple[tuple[int]] | None = None,
+        encoder_hid_dim: int | None = None,
+        encoder_hid_dim_type: str | None = None,
+        attention_head_dim: int | tuple[int] = 8,
+        num_attention_heads: int | tuple[int] | None = None,
+        dual_cross_attention: bool = False,
+        use_linear_projection: bool = False,
+        class_embed_type: str | None = None,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        num_class_embeds: int | None = None,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: str = "default",
+        resnet_skip_time_act: bool = False,
+        resnet_out_scale_factor: float = 1.0,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        time_embedding_act_fn: str | None = None,
+        timestep_post_act: str | None = None,
+        time_cond_proj_dim: int | None = None,
+        conv_in_kernel: int = 3,
+        conv_out_kernel: int = 3,
+        projection_class_embeddings_input_dim: int | None = None,
+        attention_type: str = "default",
+        class_embeddings_concat: bool = False,
+        mid_block_only_cross_attention: bool | None = None,
+        cross_attention_norm: str | None = None,
+        addition_embed_type_num_heads: int = 64,
+        use_image_cross_attention: bool = True,
+        image_cross_attention_dim: int = 512,
+    ):
+        super().__init__(
+            sample_size=sample_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            center_input_sample=center_input_sample,
+            flip_sin_to_cos=flip_sin_to_cos,
+            freq_shift=freq_shift,
+            down_block_types=down_block_types,
+            mid_block_type=mid_block_type,
+            up_block_types=up_block_types,
+            only_cross_attention=only_cross_attention,
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            downsample_padding=downsample_padding,
+            mid_block_scale_factor=mid_block_scale_factor,
+            dropout=dropout,
+            act_fn=act_fn,
+            norm_num_groups=norm_num_groups,
+            norm_eps=norm_eps,
+            cross_attention_dim=cross_attention_dim,
+            transformer_layers_per_block=transformer_layers_per_block,
+            reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
+            encoder_hid_dim=encoder_hid_dim,
+            encoder_hid_dim_type=encoder_hid_dim_type,
+            attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads,
+            dual_cross_attention=dual_cross_attention,
+            use_linear_projection=use_linear_projection,
+            class_embed_type=class_embed_type,
+            addition_embed_type=addition_embed_type,
+            addition_time_embed_dim=addition_time_embed_dim,
+            num_class_embeds=num_class_embeds,
+            upcast_attention=upcast_attention,
+            resnet_time_scale_shift=resnet_time_scale_shift,
+            resnet_skip_time_act=resnet_skip_time_act,
+            resnet_out_scale_factor=resnet_out_scale_factor,
+            time_embedding_type=time_embedding_type,
+            time_embedding_dim=time_embedding_dim,
+            time_embedding_act_fn=time_embedding_act_fn,
+            timestep_post_act=timestep_post_act,
+            time_cond_proj_dim=time_cond_proj_dim,
+            conv_in_kernel=conv_in_kernel,
+            conv_out_kernel=conv_out_kernel,
+            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
+            attention_type=attention_type,
+            class_embeddings_concat=class_embeddings_concat,
+            mid_block_only_cross_attention=mid_block_only_cross_attention,
+            cross_attention_norm=cross_attention_norm,
+            addition_embed_type_num_heads=addition_embed_type_num_heads,
+        )
+        self.rca_modules = add_rca(self, image_cross_attention_dim) if use_image_cross_attention else []
+
+    @classmethod
+    def from_sd_unet(
+        cls,
+        unet: UNet2DConditionModel | str | os.PathLike,
+        subfolder: str | None = "unet",
+        image_cross_attention_dim: int = 512,
+        zero_init_rca: bool = False,
+        **load_kwargs: Any,
+    ) -> SeeSRUNet2DConditionModel:
+        """Training start: a Stable Diffusion UNet (model, folder or hub id) with newly initialised RCA.
+
+        The SD weights are copied exactly; the RCA modules keep their default initialisation (as SeeSR) or,
+        with ``zero_init_rca``, get zero output projections so that the new model starts as the SD UNet.
+        """
+        if not isinstance(unet, UNet2DConditionModel):
+            unet = UNet2DConditionModel.from_pretrained(unet, subfolder=subfolder, **load_kwargs)
+        config = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+        config.update(use_image_cross_attention=True, image_cross_attention_dim=image_cross_attention_dim)
+        model = nn.Module.to(cls.from_config(config), dtype=unet.dtype)
+        missing, unexpected = model.load_state_dict(unet.state_dict(), strict=False)
+        not_rca = [k for k in missing if f".{RCA_MODULE_NAME}." not in k]
+        if not_rca or unexpected:
+            raise ValueError(f"from_sd_unet: unexpected key mismatch: missing {not_rca}, unexpected {unexpected}")
+        if zero_init_rca:
+            zero_rca_outputs(model)
+        return model
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        image_encoder_hidden_states: torch.Tensor | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+        **unet_kwargs: Any,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """The stock UNet forward; ``image_encoder_hidden_states`` feeds RCA (skipped when None)."""
+        if image_encoder_hidden_states is not None:
+            if not self.rca_modules:
+                raise ValueError(
+                    "image_encoder_hidden_states given, but this UNet has no RCA (use_image_cross_attention=False)"
+                )
+            image_encoder_hidden_states = image_encoder_hidden_states.to(sample.dtype)
+        return super().forward(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            cross_attention_kwargs=with_image_tokens(cross_attention_kwargs, image_encoder_hidden_states),
+            return_dict=return_dict,
+            **unet_kwargs,
+        )
