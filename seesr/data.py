@@ -156,7 +156,7 @@ class ImageFolderDataset(Dataset):
         crop = random_crop(pixels, self.resolution, rng)
         if self.flip and rng.random() < 0.5:
             crop = crop[:, ::-1]
-        gt = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 255.0
+        gt = torch.from_numpy(crop.copy()).permute(2, 0, 1).float() / 255.0
         path = self.files[i]
         return {"gt": gt, "path": str(path), "tags": self.read_tags(path)}
 
