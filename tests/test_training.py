@@ -219,3 +219,61 @@ def test_parameter_helpers(tmp_path, caplog):
         register_save_load_hooks(accelerator, {"plain": nn.Linear(2, 2)})
     with pytest.raises(ValueError, match="total_limit"):
         save_checkpoint(accelerator, tmp_path, 1, 0)
+
+
+DDP_SCRIPT = """
+import json, sys
+import torch
+from tests.test_training import Toy
+from seesr.training import (TrainingArgs, make_accelerator, make_lr_scheduler, make_optimizer,
+    register_save_load_hooks, resume_step, save_checkpoint, trainable_parameters, unwrap)
+
+out = sys.argv[1]
+args = TrainingArgs(output_dir=out, report_to="none", checkpointing_steps=1, checkpoints_total_limit=1,
+                    max_train_steps=2, learning_rate=0.05, seed=0)
+accelerator = make_accelerator(args, "ddp")
+torch.manual_seed(0)
+model = Toy()
+register_save_load_hooks(accelerator, {"toy": model})
+optimizer = make_optimizer(trainable_parameters(model), args)
+scheduler = make_lr_scheduler(optimizer, args)
+model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+for step in (1, 2):
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(10 * step + accelerator.process_index))
+    accelerator.backward(model(x).pow(2).mean())
+    optimizer.step(); scheduler.step(); optimizer.zero_grad()
+    save_checkpoint(accelerator, out, step, args.checkpoints_total_limit)
+trained = unwrap(accelerator, model).head.weight.detach().clone()
+with torch.no_grad():
+    unwrap(accelerator, model).head.weight.zero_()
+step = resume_step(accelerator, out, "latest")
+ok = step == 2 and torch.equal(unwrap(accelerator, model).head.weight, trained)
+with open(f"{out}/rank{accelerator.process_index}.json", "w") as f:
+    json.dump({"world": accelerator.num_processes, "ok": ok, "step": step}, f)
+accelerator.wait_for_everyone()
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_process_checkpoint_and_resume(tmp_path):
+    """Two CPU processes (gloo): every rank calls save_checkpoint; the rename and pruning happen once."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "ddp_script.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "out"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), str(out)]
+    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{i}.json").read_text()) for i in range(2)]
+    assert ranks == [{"world": 2, "ok": True, "step": 2}] * 2
+    assert [s for s, _ in list_checkpoints(out)] == [2] and not list(out.glob("*.partial"))
+    checkpoint = out / "checkpoint-2"
+    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    assert (checkpoint / "toy" / "config.json").is_file()
