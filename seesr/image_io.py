@@ -162,7 +162,7 @@ def load_image(path: str | Path, max_pixels: int | None = 64_000_000) -> LoadedI
     except UnidentifiedImageError as exc:
         reason = "empty file" if path.is_file() and path.stat().st_size == 0 else "not a recognised image file"
         raise ImageLoadError(f"{path}: {reason}") from exc
-    except (OSError, ValueError, SyntaxError) as exc:
+    except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError and worse on corrupt data
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageLoadError(f"{path}: cannot decode image ({message})") from exc
     return LoadedImage(rgb=rgb, alpha=alpha, path=path, mode=original_mode)
