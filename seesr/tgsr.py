@@ -239,8 +239,8 @@ class TGSRModel(ModelMixin, ConfigMixin):
         self.mid_fusion = fusion(widths[-1])
         self.up_blocks = nn.ModuleList()
         for level in reversed(range(len(widths) - 1)):
-            blocks = [ResBlock(widths[level + 1] + widths[level] if i == 0 else widths[level], widths[level])]
-            blocks += [ResBlock(widths[level], widths[level]) for i in range(1, layers_per_block)]
+            blocks = [ResBlock(widths[level + 1] + widths[level], widths[level])]
+            blocks += [ResBlock(widths[level], widths[level]) for _ in range(1, layers_per_block)]
             self.up_blocks.append(nn.Sequential(*blocks))
         self.lr_fusion = fusion(widths[0])
         num_stages = int(math.log2(max(upscale_factors)))
@@ -248,7 +248,9 @@ class TGSRModel(ModelMixin, ConfigMixin):
             [UpsampleStage(widths[0] if i == 0 else upsample_channels, upsample_channels) for i in range(num_stages)]
         )
         self.detail_in = nn.Conv2d(3 + upsample_channels, detail_channels, 3, padding=1)
-        self.detail_blocks = nn.ModuleList([ResBlock(detail_channels, detail_channels) for _ in range(detail_blocks)])
+        self.detail_resblocks = nn.ModuleList(
+            [ResBlock(detail_channels, detail_channels) for _ in range(detail_blocks)]
+        )
         self.detail_fusions = nn.ModuleList([fusion(detail_channels) for _ in range(detail_blocks)])
         self.detail_out = nn.Conv2d(detail_channels, 3, 3, padding=1)
         nn.init.zeros_(self.detail_out.weight)
@@ -312,7 +314,7 @@ class TGSRModel(ModelMixin, ConfigMixin):
         coarse = image
         # 3. the detail generator refines it at full resolution
         hidden = self.detail_in(torch.cat([coarse, features], dim=1))
-        for block, fusion in zip(self.detail_blocks, self.detail_fusions):
+        for block, fusion in zip(self.detail_resblocks, self.detail_fusions):
             hidden = fusion(block(hidden), *text)
         refined = coarse + self.detail_out(F.silu(hidden))
         if not return_dict:
