@@ -387,6 +387,22 @@ def _on_device(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None 
     return x.to(device=device, dtype=dtype if dtype is not None else x.dtype)
 
 
+def _poisson_noise(images: torch.Tensor, gray: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Poisson(x * v) / v - x on the 8-bit-rounded images (on the luma, shared by R, G, B, where `gray`)."""
+    x = (images.clamp(0, 1) * 255).round() / 255
+    luma = (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
+    gray = gray[:, None, None, None]
+    src = torch.where(gray, luma.expand_as(x), x)
+    offsets = 256 * torch.arange(len(x), device=x.device)[:, None, None, None]
+    levels = (src * 255).round().long().clamp(0, 255) + offsets
+    distinct = (torch.bincount(levels.flatten(), minlength=256 * len(x)).view(-1, 256) > 0).sum(1)
+    vals = (2.0 ** torch.ceil(torch.log2(distinct.to(torch.float64)))).to(x.dtype)[:, None, None, None]
+    rate = _on_device(src * vals, generator.device, torch.float32)
+    drawn = _on_device(torch.poisson(rate, generator=generator), images.device, x.dtype)
+    noise = drawn / vals - src
+    return torch.where(gray, noise[:, :1].expand_as(noise), noise)
+
+
 def add_noise(
     images: torch.Tensor,
     gaussian: torch.Tensor,
@@ -406,19 +422,8 @@ def add_noise(
     noise = torch.where(gray[:, None, None, None], noise[:, :1].expand_as(noise), noise)
     chosen = (~gaussian).nonzero().flatten()
     if chosen.numel():
-        x = (images[chosen].clamp(0, 1) * 255).round() / 255
-        luma = (x * x.new_tensor([0.299, 0.587, 0.114])[:, None, None]).sum(1, keepdim=True)
-        src = torch.where(gray[chosen][:, None, None, None], luma.expand_as(x), x)
-        levels = (src * 255).round().long().clamp(0, 255) + 256 * torch.arange(len(chosen), device=x.device)[
-            :, None, None, None
-        ]
-        distinct = (torch.bincount(levels.flatten(), minlength=256 * len(chosen)).view(-1, 256) > 0).sum(1)
-        vals = (2.0 ** torch.ceil(torch.log2(distinct.to(torch.float64)))).to(x.dtype)[:, None, None, None]
-        rate = _on_device(src * vals, gen_device, torch.float32)
-        drawn = _on_device(torch.poisson(rate, generator=generator), images.device, x.dtype)
-        pnoise = drawn / vals - src
-        pnoise = torch.where(gray[chosen][:, None, None, None], pnoise[:, :1].expand_as(pnoise), pnoise)
-        noise[chosen] = pnoise * poisson_scale[chosen].to(x.dtype)[:, None, None, None]
+        scale = poisson_scale[chosen].to(images.dtype)[:, None, None, None]
+        noise[chosen] = _poisson_noise(images[chosen], gray[chosen], generator) * scale
     return (images + noise).clamp(0, 1)
 
 
