@@ -74,3 +74,93 @@ def unet_inputs(batch: int = 2, size: int = 16, seed: int = 0, tokens: int = 145
         "encoder_hidden_states": torch.randn(batch, 7, 32, generator=generator),
         "image_encoder_hidden_states": torch.randn(batch, tokens, image_dim, generator=generator),
     }
+
+
+TOKENIZER_DIR = FIXTURES / "tiny_clip_tokenizer"
+
+
+def tiny_tokenizer(max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_length
+    )
+    assert len(tokenizer("clean, the dog").input_ids) > 2, "the tiny tokenizer must really tokenize"
+    return tokenizer
+
+
+def tiny_text_encoder(seed: int = 0, max_length: int = 16):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=524,
+        hidden_size=32,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=max_length,
+        bos_token_id=522,
+        eos_token_id=523,
+        pad_token_id=523,
+    )
+    return CLIPTextModel(config).eval()
+
+
+def tiny_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        norm_num_groups=4,
+        layers_per_block=1,
+        sample_size=64,
+    ).eval()
+
+
+SD2_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
+
+
+def tiny_pipeline(seed: int = 0, prompt_extractor=None, image_cross_attention_dim: int | None = None):
+    """A seeded tiny SeeSRPipeline (random weights everywhere; zero-initialised ControlNet outputs randomised)."""
+    from diffusers import DDPMScheduler
+
+    from pipelines import SeeSRPipeline
+
+    if image_cross_attention_dim is None:
+        image_cross_attention_dim = prompt_extractor.config.embed_dim if prompt_extractor is not None else 512
+    unet = tiny_unet(seed, image_cross_attention_dim=image_cross_attention_dim)
+    return SeeSRPipeline(
+        vae=tiny_vae(seed),
+        text_encoder=tiny_text_encoder(seed),
+        tokenizer=tiny_tokenizer(),
+        unet=unet,
+        controlnet=tiny_controlnet(unet, seed + 1),
+        scheduler=DDPMScheduler(**SD2_SCHEDULER),
+        prompt_extractor=prompt_extractor,
+    )
+
+
+def lq_image(width: int = 16, height: int = 16, seed: int = 0):
+    """A smooth random RGB PIL image."""
+    import numpy as np
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    small = torch.rand(3, max(height // 4, 1), max(width // 4, 1), generator=generator)
+    image = torch.nn.functional.interpolate(small[None], size=(height, width), mode="bilinear")[0]
+    return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

@@ -1,0 +1,530 @@
+"""SeeSRPipeline: semantics-aware real-world super-resolution (SeeSR, CVPR 2024) as a diffusers pipeline.
+
+Reproduces the original ``test_seesr.py`` + ``pipeline_seesr.py`` behaviour (see docs/pipeline.md):
+
+1. Pre-processing: an LQ image smaller than ``process_size // upscale`` on a side is first resized (PIL bicubic)
+   so its short side is ``process_size // upscale``; then bicubic x``upscale``; then cropped by resizing to a
+   multiple of 8. This image is the ControlNet condition, the LR-latent source and the colour-fix reference. The
+   output is finally resized (bicubic) to ``upscale`` x the original size.
+2. DAPE (``prompt_extractor``) runs on the *original* LQ image: its tags start the prompt, its representation
+   tokens feed RCA. Prompt = ``f"{tags}, {prompt},"`` + ``added_prompt`` (without DAPE: ``f"{prompt},"`` +
+   ``added_prompt``). Both classifier-free-guidance halves see the DAPE tokens.
+3. Start point ``"lr"``: the LQ latent noised to ``start_timestep`` (999, as the original, although its first
+   denoising step is 981 with 50 DDPM steps; pass ``start_timestep=None`` to noise to the first step instead),
+   or ``"noise"``. All randomness (VAE sample, noise, DDPM steps) comes from ``generator``.
+4. Latent tiling with Gaussian blending above ``latent_tile_size**2`` latent pixels; VAE tiling above
+   ``vae_tile_size`` pixels; colour fix ``adain`` / ``wavelet`` / None.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from seesr.color import COLOR_FIX_METHODS, color_fix
+from seesr.conditioning import compose_prompt, dape_condition, encode_prompt
+from seesr.controlnet import SeeSRControlNetModel
+from seesr.denoise import SeeSRCondition, predict_noise
+from seesr.unet import SeeSRUNet2DConditionModel
+
+from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADDED_PROMPT = "clean, high-resolution, 8k"
+DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+START_POINTS = ("lr", "noise")
+REMOTE_CODE_FILE = "pipeline_seesr"
+
+ImageInput = PIL.Image.Image | torch.Tensor | Sequence[PIL.Image.Image | torch.Tensor]
+
+
+@dataclass
+class SeeSRPipelineOutput(BaseOutput):
+    """``images``: PIL list, (B, H, W, 3) float array or (B, 3, H, W) tensor in [0, 1]; ``prompts``: text used."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    prompts: list[str]
+
+
+def _to_tensor(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]."""
+    if isinstance(image, PIL.Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255
+    return image.float()
+
+
+def preprocess_lq(
+    image: PIL.Image.Image | torch.Tensor, upscale: float, process_size: int
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """One LQ image -> ((3, H, W) upscaled condition in [0, 1], final output size (width, height)).
+
+    PIL inputs follow the original exactly (PIL bicubic); (3, h, w) tensors in [0, 1] use torch bicubic.
+    """
+    is_pil = isinstance(image, PIL.Image.Image)
+    width, height = image.size if is_pil else (image.shape[-1], image.shape[-2])
+    final_size = (int(width * upscale), int(height * upscale))
+
+    def resize(img, size: tuple[int, int]):
+        if is_pil:
+            return img.resize(size, PIL.Image.BICUBIC)
+        down = size[0] < img.shape[-1] or size[1] < img.shape[-2]
+        out = F.interpolate(img[None].float(), size=(size[1], size[0]), mode="bicubic", antialias=down)
+        return out[0].clamp(0, 1)
+
+    min_side = int(process_size // upscale)
+    if width < min_side or height < min_side:
+        scale = min_side / min(width, height)
+        width, height = int(scale * width), int(scale * height)
+        image = resize(image, (width, height))
+    image = resize(image, (int(width * upscale), int(height * upscale)))
+    w, h = image.size if is_pil else (image.shape[-1], image.shape[-2])
+    if w < 8 or h < 8:
+        raise ValueError(f"image: the upscaled image is {w}x{h}, smaller than 8 pixels on a side")
+    image = resize(image, (w // 8 * 8, h // 8 * 8))
+    return _to_tensor(image), final_size
+
+
+class SeeSRPipeline(DiffusionPipeline):
+    r"""SeeSR super-resolution: DAPE prompts + ControlNet with RCA over a frozen Stable Diffusion UNet.
+
+    Components: ``vae`` (AutoencoderKL), ``text_encoder`` + ``tokenizer`` (CLIP), ``unet``
+    (:class:`~seesr.unet.SeeSRUNet2DConditionModel`), ``controlnet`` (:class:`~seesr.controlnet.SeeSRControlNetModel`),
+    ``scheduler`` (DDPM with the SD2 config by default; any diffusers scheduler via ``from_config``) and the
+    optional ``prompt_extractor`` (:class:`~dape.DAPEModel`). Without a prompt extractor the caller's prompt is used
+    and RCA sees ``image_embeds`` if given, or is skipped (the UNet and ControlNet then run their stock paths).
+    """
+
+    model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
+    _optional_components = ["prompt_extractor"]
+    _callback_tensor_inputs = ["latents"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        unet: SeeSRUNet2DConditionModel,
+        controlnet: SeeSRControlNetModel,
+        scheduler: SchedulerMixin,
+        prompt_extractor: torch.nn.Module | None = None,
+    ):
+        super().__init__()
+        for name, module, cls in (
+            ("unet", unet, SeeSRUNet2DConditionModel),
+            ("controlnet", controlnet, SeeSRControlNetModel),
+        ):
+            if not isinstance(module, cls):
+                raise TypeError(
+                    f"{name} must be a {cls.__name__} (load SeeSR folders with {cls.__name__}.from_pretrained; a "
+                    f"stock diffusers class silently drops the RCA weights), got {type(module).__name__}"
+                )
+        self.register_modules(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet,
+            controlnet=controlnet,
+            scheduler=scheduler,
+            prompt_extractor=prompt_extractor,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    # Saving and loading ------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """``DiffusionPipeline.save_pretrained`` plus a two-line loader file, so that the folder also loads with
+        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (it imports this installed package)."""
+        super().save_pretrained(save_directory, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        index["_class_name"] = [REMOTE_CODE_FILE, type(self).__name__]
+        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        (Path(save_directory) / f"{REMOTE_CODE_FILE}.py").write_text(
+            '"""Loads SeeSRPipeline from the installed `seesr` distribution (pip install seesr)."""\n\n'
+            f"from {__name__} import {type(self).__name__}  # noqa: F401\n"
+        )
+
+    @classmethod
+    def load_config(cls, *args: Any, **kwargs: Any):
+        """Read ``model_index.json``; our own class needs no remote code, so the loader-file entry is dropped."""
+        result = super().load_config(*args, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        name = config.get("_class_name")
+        if isinstance(name, list) and len(name) == 2 and name[1] == cls.__name__:
+            config["_class_name"] = cls.__name__
+        return result
+
+    # Inputs ------------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _as_list(image: ImageInput) -> list[PIL.Image.Image | torch.Tensor]:
+        if isinstance(image, PIL.Image.Image):
+            return [image]
+        if isinstance(image, torch.Tensor):
+            return list(image) if image.ndim == 4 else [image]
+        return list(image)
+
+    def check_inputs(
+        self,
+        images: list,
+        prompts: list[str],
+        negative_prompt: str | list[str],
+        upscale: float,
+        process_size: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        start_point: str,
+        start_timestep: int | None,
+        image_embeds: torch.Tensor | None,
+        latent_tile_size: int | None,
+        latent_tile_overlap: int,
+        vae_tile_size: int | None,
+        color_fix_method: str | None,
+        output_type: str,
+        generator: torch.Generator | list[torch.Generator] | None,
+        num_images_per_prompt: int,
+        callback_on_step_end_tensor_inputs: list[str],
+    ) -> None:
+        if not images:
+            raise ValueError("image: expected at least one image, got an empty list")
+        for i, img in enumerate(images):
+            if isinstance(img, torch.Tensor):
+                if img.ndim != 3 or img.shape[0] != 3 or not img.is_floating_point():
+                    raise ValueError(
+                        f"image[{i}]: a tensor image must be float (3, H, W) in [0, 1], got {img.dtype} "
+                        f"{tuple(img.shape)}"
+                    )
+            elif not isinstance(img, PIL.Image.Image):
+                raise TypeError(f"image[{i}]: expected a PIL image or a torch tensor, got {type(img).__name__}")
+        if len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt: expected a string or {len(images)} strings (one per image), got {prompts!r}")
+        if not isinstance(negative_prompt, str) and len(negative_prompt) != len(images):
+            raise ValueError(f"negative_prompt: expected a string or {len(images)} strings, got {negative_prompt!r}")
+        checks = [
+            (upscale >= 1, "upscale", upscale, "a number >= 1"),
+            (process_size >= 8, "process_size", process_size, "an integer >= 8"),
+            (num_inference_steps >= 1, "num_inference_steps", num_inference_steps, "an integer >= 1"),
+            (guidance_scale >= 0, "guidance_scale", guidance_scale, "a number >= 0"),
+            (start_point in START_POINTS, "start_point", start_point, f"one of {START_POINTS}"),
+            (color_fix_method in COLOR_FIX_METHODS, "color_fix", color_fix_method, f"one of {COLOR_FIX_METHODS}"),
+            (output_type in OUTPUT_TYPES, "output_type", output_type, f"one of {OUTPUT_TYPES}"),
+            (num_images_per_prompt >= 1, "num_images_per_prompt", num_images_per_prompt, "an integer >= 1"),
+            (latent_tile_size is None or latent_tile_size >= 8, "latent_tile_size", latent_tile_size, "None or >= 8"),
+            (
+                0 <= latent_tile_overlap < (latent_tile_size or 1 << 30),
+                "latent_tile_overlap",
+                latent_tile_overlap,
+                "0 <= overlap < latent_tile_size",
+            ),
+            (vae_tile_size is None or vae_tile_size >= 64, "vae_tile_size", vae_tile_size, "None or >= 64 pixels"),
+        ]
+        if start_timestep is not None:
+            steps = self.scheduler.config.num_train_timesteps
+            checks.append((0 <= start_timestep < steps, "start_timestep", start_timestep, f"None or in [0, {steps})"))
+        for ok, name, value, expected in checks:
+            if not ok:
+                raise ValueError(f"{name}: expected {expected}, got {value!r}")
+        if image_embeds is not None:
+            dim = self.unet.config.image_cross_attention_dim
+            if image_embeds.ndim != 3 or image_embeds.shape[0] not in (1, len(images)) or image_embeds.shape[2] != dim:
+                raise ValueError(
+                    f"image_embeds: expected shape (1 or {len(images)}, N, {dim}), got {tuple(image_embeds.shape)}"
+                )
+        if isinstance(generator, list) and len(generator) != len(images) * num_images_per_prompt:
+            raise ValueError(
+                f"generator: a list needs one generator per output image "
+                f"({len(images) * num_images_per_prompt}), got {len(generator)}"
+            )
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {self._callback_tensor_inputs}")
+
+    def prepare_lq(
+        self, images: list, upscale: float, process_size: int
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """(B, 3, H, W) conditions in [0, 1] on the execution device, and each image's final (width, height)."""
+        tensors, sizes = zip(*(preprocess_lq(img, upscale, process_size) for img in images), strict=True)
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"image: all images of a batch must have the same size after pre-processing, got {shapes}"
+            )
+        return torch.stack(tensors).to(self._execution_device), list(sizes)
+
+    def extract_prompts(self, images: list) -> tuple[list[str] | None, torch.Tensor | None]:
+        """DAPE tags and representation tokens of the original LQ images (None, None without a prompt extractor)."""
+        if self.prompt_extractor is None:
+            return None, None
+        return dape_condition(self.prompt_extractor, images)
+
+    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
+        """CLIP token embeddings of ``prompts``, in the UNet's dtype."""
+        embeds = encode_prompt(self.tokenizer, self.text_encoder, prompts, self._execution_device)
+        return embeds.to(dtype=self.unet.dtype)
+
+    # Latents -----------------------------------------------------------------------------------------------------
+
+    def _vae_dtype(self, upcast_vae: bool) -> torch.dtype:
+        return torch.float32 if upcast_vae else self.vae.dtype
+
+    @torch.no_grad()
+    def encode_lq(self, lq: torch.Tensor, generator, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
+        """Scaled VAE latents sampled (with ``generator``) from the LQ condition in [0, 1]."""
+        dtype = self._vae_dtype(upcast_vae)
+        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
+            posterior = self.vae.encode(lq.to(dtype) * 2 - 1).latent_dist
+            latents = posterior.sample(generator=generator)
+        return latents * self.vae.config.scaling_factor
+
+    def noise_to_timestep(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
+        """``latents`` diffused to ``timestep`` in the scheduler's own sample space."""
+        if isinstance(self.scheduler, DDPMScheduler | DDIMScheduler):
+            return self.scheduler.add_noise(latents, noise, torch.tensor([timestep], device=latents.device))
+        alpha = self.scheduler.alphas_cumprod[timestep].to(device=latents.device, dtype=torch.float32)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        if float(self.scheduler.init_noise_sigma) > 1:  # sigma-space schedulers (Euler, Heun, LMS, ...)
+            noisy = noisy / alpha.sqrt()
+        return noisy.to(latents.dtype)
+
+    def prepare_latents(
+        self,
+        lq: torch.Tensor,
+        timesteps: torch.Tensor,
+        start_point: str,
+        start_timestep: int | None,
+        generator,
+        vae_tile_size: int | None,
+        upcast_vae: bool,
+    ) -> torch.Tensor:
+        height, width = lq.shape[-2] // self.vae_scale_factor, lq.shape[-1] // self.vae_scale_factor
+        shape = (lq.shape[0], self.unet.config.in_channels, height, width)
+        device, dtype = self._execution_device, self.unet.dtype
+        if start_point == "noise":
+            return (
+                randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+            )
+        lr_latents = self.encode_lq(lq, generator, vae_tile_size, upcast_vae).to(dtype)
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        timestep = int(timesteps[0]) if start_timestep is None else start_timestep
+        return self.noise_to_timestep(lr_latents, noise, timestep)
+
+    # Denoising ---------------------------------------------------------------------------------------------------
+
+    def predict(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        cond: SeeSRCondition,
+        conditioning_scale: float,
+        tile_size: int | None,
+        tile_overlap: int,
+    ) -> torch.Tensor:
+        """The denoiser's prediction for ``latents``, tiled with Gaussian blending when the latent is large."""
+        height, width = latents.shape[-2:]
+        if not needs_latent_tiling(height, width, tile_size):
+            return predict_noise(self.unet, self.controlnet, latents, timestep, cond, conditioning_scale)
+        total = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
+        weight_sum = torch.zeros((height, width), device=latents.device, dtype=torch.float32)
+        weights = {}
+        for top, left, tile_h, tile_w in tile_grid(height, width, tile_size, tile_overlap):
+            if (tile_h, tile_w) not in weights:
+                weights[tile_h, tile_w] = gaussian_weights(tile_h, tile_w, device=latents.device).float()
+            tile = latents[:, :, top : top + tile_h, left : left + tile_w]
+            tile_cond = cond.crop(top, left, tile_h, tile_w, self.vae_scale_factor)
+            pred = predict_noise(self.unet, self.controlnet, tile, timestep, tile_cond, conditioning_scale)
+            total[:, :, top : top + tile_h, left : left + tile_w] += pred.float() * weights[tile_h, tile_w]
+            weight_sum[top : top + tile_h, left : left + tile_w] += weights[tile_h, tile_w]
+        return (total / weight_sum).to(latents.dtype)
+
+    # Outputs -----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
+        """(B, 3, H, W) float32 images in [0, 1]."""
+        dtype = self._vae_dtype(upcast_vae)
+        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
+            images = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        return (images.float() / 2 + 0.5).clamp(0, 1)
+
+    @staticmethod
+    def postprocess(
+        images: torch.Tensor,
+        reference: torch.Tensor,
+        sizes: list[tuple[int, int]],
+        method: str | None,
+        output_type: str,
+    ):
+        """Colour fix against the LQ condition, then resize to ``upscale`` x the original size.
+
+        ``"pil"`` follows the original's rounding: decoded images are rounded to 8 bits, colour-fixed, truncated to
+        8 bits, then PIL-bicubic resized. ``"np"`` / ``"pt"`` stay in float and resize with torch bicubic.
+        """
+        if output_type == "pil":
+            images = (images * 255).round() / 255
+        images = color_fix(images, reference.to(images), method)
+        if output_type == "pil":
+            arrays = (images * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            pils = [PIL.Image.fromarray(a) for a in arrays]
+            return [p if p.size == s else p.resize(s, PIL.Image.BICUBIC) for p, s in zip(pils, sizes, strict=True)]
+        if any(s != (images.shape[-1], images.shape[-2]) for s in sizes):
+            size = sizes[0][1], sizes[0][0]
+            images = F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
+
+    # The call ----------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: ImageInput,
+        prompt: str | list[str] = "",
+        added_prompt: str = DEFAULT_ADDED_PROMPT,
+        negative_prompt: str | list[str] = DEFAULT_NEGATIVE_PROMPT,
+        image_embeds: torch.Tensor | None = None,
+        upscale: float = 4,
+        process_size: int = 512,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 5.5,
+        conditioning_scale: float = 1.0,
+        start_point: str = "lr",
+        start_timestep: int | None = 999,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latent_tile_size: int | None = 96,
+        latent_tile_overlap: int = 32,
+        vae_tile_size: int | None = 512,
+        upcast_vae: bool = False,
+        color_fix: str | None = "adain",
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[DiffusionPipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+    ) -> SeeSRPipelineOutput | tuple:
+        r"""Super-resolve ``image`` (PIL images, or float (3, H, W) / (B, 3, H, W) tensors in [0, 1]).
+
+        Args:
+            prompt: the user prompt (one, or one per image), appended after the DAPE tags.
+            added_prompt / negative_prompt: the original's defaults.
+            image_embeds: RCA tokens (B, N, image_cross_attention_dim) to use instead of DAPE's.
+            upscale / process_size: scale factor (any >= 1) and the original's small-input rule.
+            num_inference_steps / guidance_scale / conditioning_scale: sampling; CFG is on when guidance_scale > 1.
+            start_point / start_timestep: ``"lr"`` noises the LQ latent to ``start_timestep`` (None: the first
+                step); ``"noise"`` starts from pure noise.
+            generator: one generator, or one per output image (then a batch equals separate runs).
+            latent_tile_size / latent_tile_overlap: latent tiling (None disables); vae_tile_size: VAE tiling in
+                pixels (None disables). upcast_vae: run the VAE in float32 (avoids fp16 NaNs).
+            color_fix: ``"adain"``, ``"wavelet"`` or None. output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"``.
+            callback_on_step_end: ``fn(pipe, step, timestep, {name: tensor})`` -> dict that may replace ``latents``.
+        """
+        # 1. Check inputs.
+        images = self._as_list(image)
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        self.check_inputs(
+            images,
+            prompts,
+            negative_prompt,
+            upscale,
+            process_size,
+            num_inference_steps,
+            guidance_scale,
+            start_point,
+            start_timestep,
+            image_embeds,
+            latent_tile_size,
+            latent_tile_overlap,
+            vae_tile_size,
+            color_fix,
+            output_type,
+            generator,
+            num_images_per_prompt,
+            tensor_inputs,
+        )
+        device, repeats = self._execution_device, num_images_per_prompt
+        do_cfg = guidance_scale > 1
+
+        # 2. Pre-process the LQ images; DAPE tags and tokens from the original LQ (once per image).
+        lq, sizes = self.prepare_lq(images, upscale, process_size)
+        tags, dape_embeds = self.extract_prompts(images)
+        image_embeds = dape_embeds if image_embeds is None else image_embeds.to(device).expand(len(images), -1, -1)
+        tags_or_none = tags if tags is not None else [None] * len(images)
+        full_prompts = [compose_prompt(t, p, added_prompt) for t, p in zip(tags_or_none, prompts, strict=True)]
+
+        # 3. Text embeddings (once per image), classifier-free guidance batch = [negative, positive].
+        negatives = [negative_prompt] * len(images) if isinstance(negative_prompt, str) else list(negative_prompt)
+        embeds = self.encode_prompt(negatives + full_prompts if do_cfg else full_prompts)
+        embeds = embeds.repeat_interleave(repeats, dim=0)
+        if image_embeds is not None:
+            image_embeds = image_embeds.to(device, self.unet.dtype).repeat_interleave(repeats, dim=0)
+        lq, sizes = lq.repeat_interleave(repeats, dim=0), [s for s in sizes for _ in range(repeats)]
+        halves = 2 if do_cfg else 1  # embeds are [negatives; positives]; the LQ and DAPE tokens serve both halves
+        tokens = None if image_embeds is None else image_embeds.repeat(halves, 1, 1)
+        cond = SeeSRCondition(embeds, lq.to(self.unet.dtype).repeat(halves, 1, 1, 1), tokens)
+
+        # 4. Timesteps and the starting latents.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(
+            lq, timesteps, start_point, start_timestep, generator, vae_tile_size, upcast_vae
+        )
+
+        # 5. Denoise.
+        with self.progress_bar(total=len(timesteps)) as progress:
+            for i, t in enumerate(timesteps):
+                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = self.scheduler.scale_model_input(model_input, t)
+                noise_pred = self.predict(
+                    model_input, t, cond, conditioning_scale, latent_tile_size, latent_tile_overlap
+                )
+                if do_cfg:
+                    uncond, text = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (text - uncond)
+                latents = self.scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {"latents": latents})
+                    latents = outputs.pop("latents", latents)
+                progress.update()
+
+        # 6. Decode, colour-fix, resize.
+        if output_type == "latent":
+            result = latents
+        else:
+            decoded = self.decode_latents(latents, vae_tile_size, upcast_vae)
+            result = self.postprocess(decoded, lq, sizes, color_fix, output_type)
+        self.maybe_free_model_hooks()
+        prompts_used = [p for p in full_prompts for _ in range(repeats)]
+        if not return_dict:
+            return result, prompts_used
+        return SeeSRPipelineOutput(images=result, prompts=prompts_used)
+
+
+class _vae_in_dtype:
+    """Run the VAE in ``dtype`` inside the block (a no-op when it already is), restoring it afterwards."""
+
+    def __init__(self, vae: AutoencoderKL, dtype: torch.dtype):
+        self.vae, self.dtype, self.saved = vae, dtype, vae.dtype
+
+    def __enter__(self):
+        if self.saved != self.dtype:
+            torch.nn.Module.to(self.vae, dtype=self.dtype)
+
+    def __exit__(self, *exc):
+        if self.saved != self.dtype:
+            torch.nn.Module.to(self.vae, dtype=self.saved)

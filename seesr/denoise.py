@@ -1,0 +1,54 @@
+"""The SeeSR denoiser step shared by training and the pipeline: ControlNet, then UNet.
+
+Value ranges: ``control_image`` is the bicubic-upscaled LQ in [0, 1] (as SeeSR); latents are VAE latents scaled by
+``vae.config.scaling_factor``; ``image_embeds`` are the DAPE representation tokens (B, N, 512) or None (RCA skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SeeSRCondition:
+    """Everything the denoiser is conditioned on, for one batch of latents."""
+
+    prompt_embeds: torch.Tensor
+    control_image: torch.Tensor
+    image_embeds: torch.Tensor | None = None
+
+    def crop(self, top: int, left: int, height: int, width: int, scale: int) -> SeeSRCondition:
+        """The condition for a latent tile: the matching ``scale``x crop of the control image, global tokens."""
+        image = self.control_image[:, :, top * scale : (top + height) * scale, left * scale : (left + width) * scale]
+        return SeeSRCondition(self.prompt_embeds, image, self.image_embeds)
+
+
+def predict_noise(
+    unet: torch.nn.Module,
+    controlnet: torch.nn.Module,
+    latents: torch.Tensor,
+    timestep: torch.Tensor | int,
+    cond: SeeSRCondition,
+    conditioning_scale: float = 1.0,
+) -> torch.Tensor:
+    """The UNet's prediction (epsilon or v, as the scheduler is configured) with the ControlNet residuals added."""
+    down, mid = controlnet(
+        latents,
+        timestep,
+        encoder_hidden_states=cond.prompt_embeds,
+        controlnet_cond=cond.control_image.to(latents.dtype),
+        conditioning_scale=conditioning_scale,
+        image_encoder_hidden_states=cond.image_embeds,
+        return_dict=False,
+    )
+    return unet(
+        latents,
+        timestep,
+        encoder_hidden_states=cond.prompt_embeds,
+        image_encoder_hidden_states=cond.image_embeds,
+        down_block_additional_residuals=down,
+        mid_block_additional_residual=mid,
+        return_dict=False,
+    )[0]
