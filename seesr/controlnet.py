@@ -12,6 +12,7 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.controlnets.controlnet import ControlNetOutput
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (the pipeline loader looks it up here)
 from torch import nn
 
 from .rca import add_rca, with_image_tokens

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (the pipeline loader looks it up here)
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 

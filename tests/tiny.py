@@ -150,7 +150,7 @@ def tiny_pipeline(seed: int = 0, prompt_extractor=None, image_cross_attention_di
         tokenizer=tiny_tokenizer(),
         unet=unet,
         controlnet=tiny_controlnet(unet, seed + 1),
-        scheduler=DDPMScheduler(**SD2_SCHEDULER),
+        scheduler=DDPMScheduler.from_config(SD2_SCHEDULER),
         prompt_extractor=prompt_extractor,
     )
 
