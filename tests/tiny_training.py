@@ -1,0 +1,76 @@
+"""Tiny on-disk inputs for the training tests: an SD2-layout model folder, a DAPE folder and HR images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tiny import SD2_SCHEDULER, tiny_text_encoder, tiny_tokenizer, tiny_unet_config, tiny_vae
+
+TAG_NAMES = ["dog", "cat", "tree", "sky", "grass", "car"]
+DAPE_TOKEN_DIM = 16
+
+
+def tiny_dape(seed: int = 0):
+    """A seeded DAPEModel at 32 px: 1 + 4x4 tokens of width 16, six tags."""
+    from dape import DAPEModel
+
+    torch.manual_seed(seed)
+    return DAPEModel(
+        tag_names=TAG_NAMES,
+        tag_thresholds=[0.5] * len(TAG_NAMES),
+        image_size=32,
+        embed_dim=8,
+        depths=(1, 1),
+        num_heads=(1, 2),
+        window_size=4,
+        projection_dim=DAPE_TOKEN_DIM,
+        tagging_hidden_size=16,
+        tagging_num_layers=1,
+        tagging_num_heads=2,
+        tagging_intermediate_size=16,
+    ).eval()
+
+
+def write_sd2_folder(path: Path, prediction_type: str = "epsilon") -> Path:
+    """A Stable-Diffusion-2-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) of tiny stock models."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in tiny_unet_config().items() if k not in ("use_image_cross_attention",
+                                                                       "image_cross_attention_dim")}  # fmt: skip
+    UNet2DConditionModel.from_config(config).save_pretrained(path / "unet")
+    tiny_vae().save_pretrained(path / "vae")
+    tiny_text_encoder().save_pretrained(path / "text_encoder")
+    tiny_tokenizer().save_pretrained(path / "tokenizer")
+    scheduler_config = {**SD2_SCHEDULER, "prediction_type": prediction_type}
+    DDPMScheduler.from_config(scheduler_config).save_pretrained(path / "scheduler")
+    return path
+
+
+def write_dape_folder(path: Path) -> Path:
+    tiny_dape().save_pretrained(path)
+    return path
+
+
+def write_images(path: Path, count: int = 3, size: int = 40, tagged: int = 1) -> Path:
+    """``count`` smooth random RGB PNGs (``size`` px, smaller than some crops); the first ``tagged`` get a tag file."""
+    path.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    for i in range(count):
+        small = torch.rand(1, 3, size // 4, size // 4, generator=generator)
+        image = torch.nn.functional.interpolate(small, size=(size, size), mode="bilinear")[0]
+        array = (image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        Image.fromarray(array).save(path / f"img{i}.png")
+        if i < tagged:
+            (path / f"img{i}.txt").write_text("dog, grass")
+    return path
+
+
+def write_lq_image(path: Path, size: int = 16) -> Path:
+    generator = torch.Generator().manual_seed(1)
+    array = (torch.rand(size, size, 3, generator=generator).numpy() * 255).astype(np.uint8)
+    Image.fromarray(array).save(path)
+    return path
