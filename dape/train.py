@@ -87,6 +87,8 @@ class DAPETrainConfig:
                     f"lr_milestones={self.lr_milestones} (multi-step decay) needs train.lr_scheduler=constant, got "
                     f"{self.train.lr_scheduler!r}; set lr_milestones=[] to use train.lr_scheduler"
                 )
+        if self.train.gradient_checkpointing:
+            raise ValueError("train.gradient_checkpointing: DAPEModel does not support it; set it to false")
         if not 0 < self.lr_gamma <= 1:
             raise ValueError(f"lr_gamma: expected a float in (0, 1], got {self.lr_gamma!r}")
         if self.data.resolution % self.degradation.scale:
