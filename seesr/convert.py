@@ -1,0 +1,179 @@
+"""Convert the released SeeSR (and DAPE/RAM) weights into one SeeSRPipeline folder (safetensors).
+
+Inputs, unchanged as released:
+- a Stable Diffusion 2 base folder in diffusers layout (vae/, text_encoder/, tokenizer/, scheduler/), or a hub id;
+- the SeeSR folder with unet/ and controlnet/ (config.json with "use_image_cross_attention": true);
+- optionally DAPE: ram_swin_large_14m.pth + DAPE.pth + ram_tag_list.txt + ram_tag_list_threshold.txt.
+The scheduler is DDPM with the SD2 scheduler config, as the original ``test_seesr.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class ConversionError(ValueError):
+    """A released file is missing or does not match what the converter expects."""
+
+
+@dataclass
+class DAPEFiles:
+    ram: Path
+    dape: Path | None
+    tag_list: Path
+    thresholds: Path
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise ConversionError(f"{path}: {what} not found")
+    return path
+
+
+def _check_seesr_folder(seesr_dir: Path) -> None:
+    import json
+
+    for name in ("unet", "controlnet"):
+        config = _require(seesr_dir / name / "config.json", f"the SeeSR {name} config")
+        weights = [seesr_dir / name / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
+        if not any(w.exists() for w in weights):
+            raise ConversionError(f"{seesr_dir / name}: no diffusion_pytorch_model.safetensors or .bin")
+        try:
+            fields = json.loads(config.read_text())
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"{config}: not valid JSON ({error})") from None
+        if not fields.get("use_image_cross_attention"):
+            raise ConversionError(f'{config}: not a SeeSR {name} (no "use_image_cross_attention": true)')
+
+
+def _check_sd_folder(sd: str) -> None:
+    path = Path(sd)
+    if not path.exists():
+        if sd.count("/") == 1 and not sd.startswith((".", "/")):
+            return  # a hub id: diffusers resolves it (and reports what is missing)
+        raise ConversionError(
+            f"{sd}: Stable Diffusion folder not found (a local path or a hub id such as "
+            "stabilityai/stable-diffusion-2-base)"
+        )
+    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
+        _require(path / name, f"the Stable Diffusion {name}/ folder")
+
+
+def convert_seesr(
+    sd: str,
+    seesr_dir: str | Path,
+    output_dir: str | Path,
+    dape: DAPEFiles | None = None,
+    dtype: str = "fp32",
+    overwrite: bool = False,
+) -> Path:
+    """Build and save a SeeSRPipeline folder from the released files; returns ``output_dir``.
+
+    The folder is written to a temporary sibling and renamed into place, so a failure leaves nothing behind.
+    """
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from pipelines.pipeline_seesr import SeeSRPipeline
+
+    from .controlnet import SeeSRControlNetModel
+    from .unet import SeeSRUNet2DConditionModel
+
+    seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
+    if dtype not in DTYPES:
+        raise ConversionError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if output_dir.exists() and not overwrite:
+        raise ConversionError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+    _check_sd_folder(sd)
+    _check_seesr_folder(seesr_dir)
+    if dape is not None:
+        for path, what in (
+            (dape.ram, "RAM checkpoint"),
+            (dape.tag_list, "RAM tag list"),
+            (dape.thresholds, "RAM tag thresholds"),
+        ):
+            _require(path, what)
+        if dape.dape is not None:
+            _require(dape.dape, "DAPE checkpoint")
+
+    torch_dtype = getattr(torch, DTYPES[dtype])
+    logger.info("loading the SeeSR unet and controlnet from %s", seesr_dir)
+    unet = SeeSRUNet2DConditionModel.from_pretrained(seesr_dir / "unet", torch_dtype=torch_dtype)
+    controlnet = SeeSRControlNetModel.from_pretrained(seesr_dir / "controlnet", torch_dtype=torch_dtype)
+    logger.info("loading Stable Diffusion components from %s", sd)
+    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=torch_dtype)
+    text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", torch_dtype=torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(sd, subfolder="tokenizer")
+    scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
+    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+        raise ConversionError(
+            f"{sd}: the text encoder is {text_encoder.config.hidden_size} wide but the SeeSR UNet expects "
+            f"{unet.config.cross_attention_dim} (use the Stable Diffusion 2 base model SeeSR was trained on)"
+        )
+    prompt_extractor = None
+    if dape is not None:
+        from dape.convert import convert_ram_checkpoint
+
+        logger.info("converting RAM %s + DAPE %s", dape.ram, dape.dape)
+        prompt_extractor = convert_ram_checkpoint(
+            dape.ram, dape.dape, dape.tag_list, dape.thresholds, dtype=torch.float32
+        )
+        width = prompt_extractor.image_proj.out_features
+        if width != unet.config.image_cross_attention_dim:
+            raise ConversionError(
+                f"{dape.ram}: DAPE tokens are {width} wide, the SeeSR UNet expects "
+                f"{unet.config.image_cross_attention_dim}"
+            )
+
+    pipe = SeeSRPipeline(vae, text_encoder, tokenizer, unet, controlnet, scheduler, prompt_extractor=prompt_extractor)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("wrote %s", output_dir)
+    return output_dir
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sd", required=True, help="Stable Diffusion 2 base: diffusers folder or hub id")
+    parser.add_argument("--seesr", required=True, type=Path, help="released SeeSR folder with unet/ and controlnet/")
+    parser.add_argument("-o", "--output-dir", required=True, type=Path, help="pipeline folder to write")
+    parser.add_argument("--ram", type=Path, help="ram_swin_large_14m.pth (adds the DAPE prompt extractor)")
+    parser.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
+    parser.add_argument("--tag-list", type=Path, help="ram_tag_list.txt")
+    parser.add_argument("--tag-thresholds", type=Path, help="ram_tag_list_threshold.txt")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the saved weights")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    dape = None
+    dape_args = {"--ram": args.ram, "--tag-list": args.tag_list, "--tag-thresholds": args.tag_thresholds}
+    if any(v is not None for v in [*dape_args.values(), args.dape]):
+        missing = [name for name, value in dape_args.items() if value is None]
+        if missing:
+            logger.error("DAPE conversion needs %s as well", ", ".join(missing))
+            return 2
+        dape = DAPEFiles(args.ram, args.dape, args.tag_list, args.tag_thresholds)
+    try:
+        convert_seesr(args.sd, args.seesr, args.output_dir, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
+    except (ConversionError, ValueError, OSError) as error:
+        logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return 1
+    return 0
