@@ -8,30 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 from tiny import SD2_SCHEDULER, tiny_text_encoder, tiny_tokenizer, tiny_unet_config, tiny_vae
-
-TAG_NAMES = ["dog", "cat", "tree", "sky", "grass", "car"]
-DAPE_TOKEN_DIM = 16
-
-
-def tiny_dape(seed: int = 0):
-    """A seeded DAPEModel at 32 px: 1 + 4x4 tokens of width 16, six tags."""
-    from dape import DAPEModel
-
-    torch.manual_seed(seed)
-    return DAPEModel(
-        tag_names=TAG_NAMES,
-        tag_thresholds=[0.5] * len(TAG_NAMES),
-        image_size=32,
-        embed_dim=8,
-        depths=(1, 1),
-        num_heads=(1, 2),
-        window_size=4,
-        projection_dim=DAPE_TOKEN_DIM,
-        tagging_hidden_size=16,
-        tagging_num_layers=1,
-        tagging_num_heads=2,
-        tagging_intermediate_size=16,
-    ).eval()
+from tiny_dape import tiny_dape
 
 
 def write_sd2_folder(path: Path, prediction_type: str = "epsilon") -> Path:
