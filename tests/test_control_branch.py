@@ -6,7 +6,15 @@ import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
-from tiny import randomize, released_config, released_keys, tiny_controlnet, tiny_unet, tiny_unet_config, unet_inputs
+from tiny import (
+    randomize,
+    released_keys,
+    tiny_controlnet,
+    tiny_unet,
+    tiny_unet_config,
+    unet_inputs,
+    write_released_folder,
+)
 
 from seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
 from seesr.rca import RCA_MODULE_NAME
@@ -125,24 +133,10 @@ def test_caller_cross_attention_kwargs_not_mutated(unet):
     assert kwargs == {}
 
 
-def _write_released(folder, model: str, drop: str | None = None, fmt: str = "safetensors"):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(released_config(model), indent=2))
-    generator = torch.Generator().manual_seed(7)
-    state = {k: torch.randn(shape, generator=generator) for k, shape in released_keys(model).items()}
-    if drop:
-        del state[drop]
-    if fmt == "safetensors":
-        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-    else:
-        torch.save(state, folder / "diffusion_pytorch_model.bin")
-    return state
-
-
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_released_layout_loads_exactly(tmp_path, fmt):
     for model, cls in (("unet", SeeSRUNet2DConditionModel), ("controlnet", SeeSRControlNetModel)):
-        state = _write_released(tmp_path / model, model, fmt=fmt)
+        state = write_released_folder(tmp_path / model, model, fmt=fmt)
         loaded = cls.from_pretrained(tmp_path / model)
         assert loaded.config.use_image_cross_attention and loaded.config.image_cross_attention_dim == 512
         loaded_state = loaded.state_dict()
@@ -152,18 +146,18 @@ def test_released_layout_loads_exactly(tmp_path, fmt):
 
 def test_missing_rca_tensor_is_an_error_naming_it(tmp_path):
     missing = "up_blocks.1.image_attentions.2.transformer_blocks.0.attn2.to_k.weight"
-    _write_released(tmp_path / "unet", "unet", drop=missing)
+    write_released_folder(tmp_path / "unet", "unet", drop=missing)
     with pytest.raises(ValueError, match=missing.replace(".", r"\.")):
         SeeSRUNet2DConditionModel.from_pretrained(tmp_path / "unet")
     missing = "mid_block.image_attentions.0.proj_out.weight"
-    _write_released(tmp_path / "controlnet", "controlnet", drop=missing)
+    write_released_folder(tmp_path / "controlnet", "controlnet", drop=missing)
     with pytest.raises(ValueError, match="missing keys: mid_block"):
         SeeSRControlNetModel.from_pretrained(tmp_path / "controlnet")
 
 
 def test_unexpected_key_is_an_error(tmp_path):
     folder = tmp_path / "unet"
-    state = _write_released(folder, "unet")
+    state = write_released_folder(folder, "unet")
     state["down_blocks.0.image_attentions.7.extra.weight"] = torch.zeros(2)
     save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
     with pytest.raises(ValueError, match="unexpected keys: down_blocks.0.image_attentions.7"):

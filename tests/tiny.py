@@ -26,6 +26,37 @@ def released_keys(model: str) -> dict[str, tuple[int, ...]]:
     return keys
 
 
+def write_released_folder(folder: Path, model: str, drop: str | None = None, fmt: str = "safetensors") -> dict:
+    """A SeeSR ``unet`` / ``controlnet`` folder as the original writes it (random weights); returns the weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(released_config(model), indent=2))
+    generator = torch.Generator().manual_seed(7)
+    state = {k: torch.randn(shape, generator=generator) * 0.05 for k, shape in released_keys(model).items()}
+    if drop:
+        del state[drop]
+    if fmt == "safetensors":
+        save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    else:
+        torch.save(state, folder / "diffusion_pytorch_model.bin")
+    return state
+
+
+def write_sd2_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny Stable Diffusion 2 folder in diffusers layout (vae, text_encoder, tokenizer, scheduler, unet)."""
+    from diffusers import PNDMScheduler, UNet2DConditionModel
+
+    tiny_vae(seed).save_pretrained(folder / "vae")
+    tiny_text_encoder(seed).save_pretrained(folder / "text_encoder")
+    tiny_tokenizer().save_pretrained(folder / "tokenizer")
+    PNDMScheduler.from_config({**SD2_SCHEDULER, "skip_prk_steps": True}).save_pretrained(folder / "scheduler")
+    config = {k: v for k, v in tiny_unet_config().items() if "image_" not in k}
+    torch.manual_seed(seed)
+    UNet2DConditionModel.from_config(config).save_pretrained(folder / "unet")
+    return folder
+
+
 def tiny_unet_config(image_cross_attention_dim: int = 512) -> dict:
     config = {k: v for k, v in released_config("unet").items() if not k.startswith("_")}
     config["image_cross_attention_dim"] = image_cross_attention_dim

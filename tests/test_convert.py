@@ -1,0 +1,122 @@
+"""`seesr convert`: released SD2 + SeeSR folders -> one SeeSRPipeline folder."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+from tiny import lq_image, write_released_folder, write_sd2_folder
+
+from pipelines import SeeSRPipeline
+from seesr.cli import main
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    root = tmp_path_factory.mktemp("released")
+    write_sd2_folder(root / "sd2")
+    unet_state = write_released_folder(root / "seesr" / "unet", "unet")
+    controlnet_state = write_released_folder(root / "seesr" / "controlnet", "controlnet")
+    return root, unet_state, controlnet_state
+
+
+def test_convert_builds_a_loadable_pipeline(released, tmp_path):
+    root, unet_state, controlnet_state = released
+    out = tmp_path / "pipe"
+    assert main(["convert", "--sd", str(root / "sd2"), "--seesr", str(root / "seesr"), "-o", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "controlnet",
+        "scheduler",
+        "text_encoder",
+        "tokenizer",
+        "unet",
+        "vae",
+    ]
+    assert not list(out.rglob("*.bin")) and list(out.rglob("*.safetensors"))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    pipe = SeeSRPipeline.from_pretrained(out)
+    assert type(pipe.scheduler).__name__ == "DDPMScheduler" and pipe.scheduler.config.steps_offset == 1
+    assert all(torch.equal(pipe.unet.state_dict()[k], v) for k, v in unet_state.items())
+    assert all(torch.equal(pipe.controlnet.state_dict()[k], v) for k, v in controlnet_state.items())
+    image = pipe(
+        lq_image(16, 16),
+        num_inference_steps=1,
+        process_size=64,
+        output_type="np",
+        generator=torch.Generator().manual_seed(0),
+    ).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+    # An existing output is never clobbered without --overwrite.
+    assert main(["convert", "--sd", str(root / "sd2"), "--seesr", str(root / "seesr"), "-o", str(out)]) == 1
+    assert (
+        main(
+            [
+                "convert",
+                "--sd",
+                str(root / "sd2"),
+                "--seesr",
+                str(root / "seesr"),
+                "-o",
+                str(out),
+                "--overwrite",
+                "--dtype",
+                "fp16",
+            ]
+        )
+        == 0
+    )
+    assert json.loads((out / "unet" / "config.json").read_text())["_class_name"] == "SeeSRUNet2DConditionModel"
+
+
+def test_missing_and_mismatched_files_are_clear_errors(released, tmp_path, caplog):
+    root, _, _ = released
+    cases = {
+        "missing seesr": (["--seesr", str(tmp_path / "nope")], "the SeeSR unet config not found"),
+        "missing sd": (["--sd", str(tmp_path / "sd-missing")], "Stable Diffusion folder not found"),
+    }
+    for name, (override, message) in cases.items():
+        args = {"--sd": str(root / "sd2"), "--seesr": str(root / "seesr")}
+        args.update(dict(zip(override[::2], override[1::2])))
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            code = main(["convert", *sum(args.items(), ()), "-o", str(tmp_path / name)])
+        assert code == 1 and message in caplog.text, name
+        assert not (tmp_path / name).exists()
+
+    bad = tmp_path / "seesr-bad"
+    write_released_folder(bad / "unet", "unet", drop="mid_block.image_attentions.0.proj_in.weight")
+    write_released_folder(bad / "controlnet", "controlnet")
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        code = main(["convert", "--sd", str(root / "sd2"), "--seesr", str(bad), "-o", str(tmp_path / "bad-out")])
+    assert code == 1 and "mid_block.image_attentions.0.proj_in.weight" in caplog.text
+    assert not (tmp_path / "bad-out").exists()
+
+    stock = tmp_path / "seesr-stock"
+    write_released_folder(stock / "unet", "unet")
+    write_released_folder(stock / "controlnet", "controlnet")
+    config = json.loads((stock / "unet" / "config.json").read_text())
+    config.pop("use_image_cross_attention")
+    (stock / "unet" / "config.json").write_text(json.dumps(config))
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        assert main(["convert", "--sd", str(root / "sd2"), "--seesr", str(stock), "-o", str(tmp_path / "x")]) == 1
+    assert "not a SeeSR unet" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.ERROR):
+        code = main(
+            [
+                "convert",
+                "--sd",
+                str(root / "sd2"),
+                "--seesr",
+                str(root / "seesr"),
+                "-o",
+                str(tmp_path / "y"),
+                "--ram",
+                str(tmp_path / "ram.pth"),
+            ]
+        )
+    assert code == 2 and "--tag-list" in caplog.text
