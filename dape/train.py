@@ -224,6 +224,8 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
     accelerator = make_accelerator(args, "dape", config=config_to_dict(cfg))
     write_resolved_config(cfg, args.output_dir, accelerator)
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if accelerator.device.type == "cpu":  # CPU autocast does not upcast norms next to half weights
+        weight_dtype = torch.float32
     teacher, student = load_models(cfg)
     for model in (teacher, student):
         model.to(accelerator.device) if weight_dtype == torch.float32 else model.to(accelerator.device, weight_dtype)
