@@ -368,7 +368,8 @@ def log_validation(accelerator: Accelerator, cfg: SeeSRTrainConfig, parts: Froze
 
     unet, controlnet = (unwrap(accelerator, m) for m in models)
     was_training = controlnet.training
-    unet.eval(), controlnet.eval()
+    unet.eval()
+    controlnet.eval()
     pipe = build_pipeline(parts, unet, controlnet)
     pipe.set_progress_bar_config(disable=True)
     val = cfg.validation
@@ -395,7 +396,8 @@ def log_validation(accelerator: Accelerator, cfg: SeeSRTrainConfig, parts: Froze
                 tracker.log_images({f"validation/{i:02d}": np.asarray(image)[None]}, step, dataformats="NHWC")
     logger.info("step %d: %d validation image(s) written to %s", step, len(results), folder)
     if was_training:
-        unet.train(), controlnet.train()
+        unet.train()
+        controlnet.train()
     return results
 
 
@@ -458,7 +460,8 @@ def setup_training(cfg: SeeSRTrainConfig, device: torch.device | str, weight_dty
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         controlnet.enable_gradient_checkpointing()
-    unet.train(), controlnet.train()
+    unet.train()
+    controlnet.train()
     unet_trains = any(p.requires_grad for p in unet.parameters())
     return TrainingSetup(parts, unet, controlnet, weight_dtype, unet_trains)
 

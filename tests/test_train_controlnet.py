@@ -234,10 +234,16 @@ def test_accelerate_launch_checkpoint_validation_resume_export(inputs, tmp_path,
 
 
 def test_two_processes_train_and_checkpoint(inputs, tmp_path):
-    """Two CPU processes (gloo): DDP without find_unused_parameters, every rank saving checkpoints."""
+    """Two CPU processes (gloo): DDP without find_unused_parameters (with gradient checkpointing), every rank
+    saving checkpoints."""
     out = tmp_path / "ddp"
     env = {**ENV, "ACCELERATE_USE_CPU": "true"}
-    extra = {"train.checkpointing_steps": 1, "train.checkpoints_total_limit": 1, "train.train_batch_size": 1}
+    extra = {
+        "train.checkpointing_steps": 1,
+        "train.checkpoints_total_limit": 1,
+        "train.train_batch_size": 1,
+        "train.gradient_checkpointing": "true",
+    }
     script = [str(ROOT / "train_controlnet.py"), "--config", str(CONFIG), *overrides(inputs, out, 2, **extra)]
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *script]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
