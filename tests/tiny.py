@@ -173,7 +173,7 @@ def tiny_pipeline(seed: int = 0, prompt_extractor=None, image_cross_attention_di
     from pipelines import SeeSRPipeline
 
     if image_cross_attention_dim is None:
-        image_cross_attention_dim = prompt_extractor.config.embed_dim if prompt_extractor is not None else 512
+        image_cross_attention_dim = prompt_extractor.config.projection_dim if prompt_extractor is not None else 512
     unet = tiny_unet(seed, image_cross_attention_dim=image_cross_attention_dim)
     return SeeSRPipeline(
         vae=tiny_vae(seed),
