@@ -27,10 +27,13 @@ class ConversionError(ValueError):
 
 @dataclass
 class DAPEFiles:
+    """The released RAM/DAPE files; ``architecture`` overrides DAPEModel config fields (default: the release)."""
+
     ram: Path
     dape: Path | None
     tag_list: Path
     thresholds: Path
+    architecture: dict | None = None
 
 
 def _require(path: Path, what: str) -> Path:
@@ -126,7 +129,7 @@ def convert_seesr(
 
         logger.info("converting RAM %s + DAPE %s", dape.ram, dape.dape)
         prompt_extractor = convert_ram_checkpoint(
-            dape.ram, dape.dape, dape.tag_list, dape.thresholds, dtype=torch.float32
+            dape.ram, dape.dape, dape.tag_list, dape.thresholds, architecture=dape.architecture, dtype=torch.float32
         )
         width = prompt_extractor.image_proj.out_features
         if width != unet.config.image_cross_attention_dim:

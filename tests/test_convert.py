@@ -120,3 +120,61 @@ def test_missing_and_mismatched_files_are_clear_errors(released, tmp_path, caplo
             ]
         )
     assert code == 2 and "--tag-list" in caplog.text
+
+
+def test_convert_with_dape_and_upscale_writes_tags(released, tmp_path):
+    from test_dape_convert import dape_lora, original_layout
+    from tiny_dape import TINY_DAPE_CONFIG, tiny_dape
+
+    from dape.convert import convert_ram_checkpoint
+    from seesr.convert import DAPEFiles, convert_seesr
+
+    root, _, _ = released
+    architecture = {**TINY_DAPE_CONFIG, "projection_dim": 512}  # the SeeSR UNet's RCA width
+    source = tiny_dape(projection_dim=512)
+    torch.save({"model": original_layout(source)}, tmp_path / "ram.pth")
+    torch.save(dape_lora(source, seed=1), tmp_path / "DAPE.pth")
+    (tmp_path / "tags.txt").write_text("\n".join(source.config.tag_names))
+    (tmp_path / "thresholds.txt").write_text("\n".join(map(str, source.config.tag_thresholds)))
+    files = DAPEFiles(
+        tmp_path / "ram.pth",
+        tmp_path / "DAPE.pth",
+        tmp_path / "tags.txt",
+        tmp_path / "thresholds.txt",
+        architecture=architecture,
+    )
+    out = convert_seesr(str(root / "sd2"), root / "seesr", tmp_path / "pipe", dape=files)
+    pipe = SeeSRPipeline.from_pretrained(out)
+    reference = convert_ram_checkpoint(
+        *(getattr(files, f) for f in ("ram", "dape", "tag_list", "thresholds")),
+        architecture=architecture,
+        dtype=torch.float32,
+    )
+    image = lq_image(16, 16, seed=4)
+    with torch.no_grad():
+        x = reference.preprocess([image])
+        expected = reference(x)
+        got = pipe.prompt_extractor(pipe.prompt_extractor.preprocess([image]))
+    torch.testing.assert_close(got.image_embeds, expected.image_embeds, rtol=0, atol=0)
+    tags = reference.tags(logits=expected.logits)[0]
+    assert tags, "the tiny DAPE should produce at least one tag"
+    result = pipe(
+        image, prompt="sharp", num_inference_steps=1, process_size=64, generator=torch.Generator().manual_seed(0)
+    )
+    assert result.prompts == [f"{tags}, sharp,clean, high-resolution, 8k"]
+
+    image.save(tmp_path / "lq.png")
+    code = main(
+        [
+            "upscale",
+            str(tmp_path / "lq.png"),
+            "-o",
+            str(tmp_path / "sr"),
+            "--model",
+            str(out),
+            "--steps",
+            "1",
+            "--save-prompts",
+        ]
+    )
+    assert code == 0 and (tmp_path / "sr" / "lq.txt").read_text() == f"{tags}, ,clean, high-resolution, 8k\n"
