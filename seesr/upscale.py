@@ -50,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=_number(int, 1), default=50, help="denoising steps (SeeSR)")
     parser.add_argument("--guidance-scale", type=_number(float, 0), default=5.5, help="CFG scale (SeeSR)")
     parser.add_argument("--upscale", type=_number(float, 1), default=4, help="scale factor (TGSR: 2, 4, 8 or 16)")
+    parser.add_argument(
+        "--process-size",
+        type=_number(int, 8),
+        default=512,
+        help="SeeSR small-input rule: inputs with a side < process_size / upscale are enlarged first",
+    )
     parser.add_argument("--seed", type=_number(int, 0), default=42, help="random seed (each image gets this seed)")
     parser.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default="adain", help="SeeSR colour fix")
     parser.add_argument(
@@ -129,6 +135,7 @@ def pipeline_kwargs(kind: str, args: argparse.Namespace) -> dict:
         return kwargs
     kwargs = {
         "upscale": args.upscale,
+        "process_size": args.process_size,
         "num_inference_steps": args.steps,
         "guidance_scale": args.guidance_scale,
         "color_fix": None if args.color_fix == "none" else args.color_fix,

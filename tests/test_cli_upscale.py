@@ -21,7 +21,20 @@ def model_dir(tmp_path_factory):
 
 
 def upscale(model_dir, inputs, out, *extra):
-    args = ["upscale", *map(str, inputs), "-o", str(out), "--model", str(model_dir), "--steps", "2", "--upscale", "4"]
+    args = [
+        "upscale",
+        *map(str, inputs),
+        "-o",
+        str(out),
+        "--model",
+        str(model_dir),
+        "--steps",
+        "2",
+        "--upscale",
+        "4",
+        "--process-size",
+        "64",
+    ]
     return main(args + list(extra))
 
 
