@@ -208,6 +208,7 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
     from seesr.train import epoch_batches, step_generator
     from seesr.training import (
         cast_training_params,
+        frozen_weight_dtype,
         log_step,
         make_accelerator,
         make_lr_scheduler,
@@ -223,9 +224,7 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
     # 1. accelerator, teacher and student, data
     accelerator = make_accelerator(args, "dape", config=config_to_dict(cfg))
     write_resolved_config(cfg, args.output_dir, accelerator)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if accelerator.device.type == "cpu":  # CPU autocast does not upcast norms next to half weights
-        weight_dtype = torch.float32
+    weight_dtype = frozen_weight_dtype(accelerator)
     teacher, student = load_models(cfg)
     for model in (teacher, student):
         model.to(accelerator.device) if weight_dtype == torch.float32 else model.to(accelerator.device, weight_dtype)

@@ -474,6 +474,7 @@ def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
     from seesr.data import ImageFolderDataset, collate
     from seesr.training import (
         count_parameters,
+        frozen_weight_dtype,
         log_step,
         make_accelerator,
         make_lr_scheduler,
@@ -490,11 +491,7 @@ def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
     # 1. accelerator, models, data
     accelerator = make_accelerator(args, "seesr-controlnet", config=config_to_dict(cfg))
     write_resolved_config(cfg, args.output_dir, accelerator)
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    if accelerator.device.type == "cpu" and weight_dtype != torch.float32:
-        # CPU autocast runs group_norm in the input's dtype, which fails on half weights next to float32 activations
-        logger.info("mixed precision %s on CPU: frozen weights stay float32 (autocast only)", args.mixed_precision)
-        weight_dtype = torch.float32
+    weight_dtype = frozen_weight_dtype(accelerator)
     setup = setup_training(cfg, accelerator.device, weight_dtype)
     parts, unet, controlnet = setup.parts, setup.unet, setup.controlnet
     trained = {"controlnet": controlnet, **({"unet": unet} if setup.unet_trains else {})}

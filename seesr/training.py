@@ -198,6 +198,21 @@ def make_lr_scheduler(
 # ---------------------------------------------------------------- models
 
 
+def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype for frozen weights under the accelerator's mixed precision (fp16 / bf16 / fp32).
+
+    On CPU the frozen weights stay float32 (autocast only): CPU autocast runs group_norm in the input's dtype, which
+    fails on half weights next to float32 activations.
+    """
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if accelerator.device.type == "cpu" and dtype != torch.float32:
+        logger.info(
+            "mixed precision %s on CPU: frozen weights stay float32 (autocast only)", accelerator.mixed_precision
+        )
+        return torch.float32
+    return dtype
+
+
 def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
     """The plain module behind DDP/accelerate wrappers and `torch.compile`."""
     model = accelerator.unwrap_model(model)
