@@ -31,7 +31,15 @@ def check_loading_info(info: dict[str, list], name: str, source: str | os.PathLi
             shown = ", ".join(keys[:20]) + (f", ... ({len(keys)} in all)" if len(keys) > 20 else "")
             problems.append(f"{kind.replace('_', ' ')}: {shown}")
     if problems:
-        raise ValueError(f"{name}: the weights in {source} do not match the model config; " + "; ".join(problems))
+        missing = info.get("missing_keys") or []
+        hint = ""
+        if missing and all(f".{RCA_MODULE_NAME}." in k for k in missing) and not info.get("unexpected_keys"):
+            hint = (
+                " (only RCA weights are missing: a stock Stable Diffusion folder? use from_sd_unet to start training)"
+            )
+        raise ValueError(
+            f"{name}: the weights in {source} do not match the model config; " + "; ".join(problems) + hint
+        )
 
 
 class StrictLoadingMixin:

@@ -192,6 +192,8 @@ def test_from_sd_unet_copies_sd_weights_and_zero_init_is_identity(tmp_path):
         assert not torch.allclose(model(**inputs).sample, reference)
         zeroed = SeeSRUNet2DConditionModel.from_sd_unet(stock, zero_init_rca=True).eval()
         assert torch.allclose(zeroed(**inputs).sample, reference, atol=1e-6)
+    with pytest.raises(ValueError, match="use from_sd_unet"):
+        SeeSRUNet2DConditionModel.from_pretrained(tmp_path / "sd" / "unet")
     controlnet = SeeSRControlNetModel.from_unet(model)
     for key, value in controlnet.state_dict().items():
         if key.startswith(("down_blocks", "mid_block", "conv_in", "time_embedding")):
