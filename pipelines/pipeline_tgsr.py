@@ -24,7 +24,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from seesr.tgsr import PACKAGE_PREFIX, TGSRModel, encode_text, load_text_encoder
+from seesr.tgsr import TGSRModel, encode_text, load_text_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -222,4 +222,4 @@ class TGSRPipeline(DiffusionPipeline):
         return [Image.fromarray((a * 255).round().astype(np.uint8), "RGB") for a in arrays]
 
 
-__all__ = ["TGSRPipeline", "TGSRPipelineOutput", "PACKAGE_PREFIX"]
+__all__ = ["TGSRPipeline", "TGSRPipelineOutput", "blend_weights", "tile_starts"]

@@ -16,7 +16,15 @@ from tgsr_tiny import captioned_folder, save_tiny_text_encoder, tiny_clip, tiny_
 from seesr.config import ConfigError, load_config
 from seesr.tgsr import load_text_encoder
 from seesr.tgsr_data import CaptionedImageDataset, bicubic_downscale, prepare_package_photos, read_captioned_images
-from seesr.tgsr_train import CLIPDetailLoss, TextFeatureCache, TGSRTrainConfig, compute_loss, main
+from seesr.tgsr_train import (
+    CLIPDetailLoss,
+    TextFeatureCache,
+    TGSRDataConfig,
+    TGSRTrainConfig,
+    compute_loss,
+    main,
+    make_lq,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_OVERRIDES = [
@@ -82,6 +90,17 @@ def test_datasets_from_folder_and_jsonl(tmp_path):
         read_captioned_images(folder)
     lq = bicubic_downscale(item["gt"][None], 4)
     assert lq.shape == (1, 3, 8, 8) and torch.allclose(lq * 255, (lq * 255).round(), atol=1e-3)
+
+
+@pytest.mark.parametrize("degradation", ["bicubic", "realesrgan"])
+def test_make_lq_sizes_and_determinism(degradation):
+    cfg = TGSRDataConfig(train_data="unused", resolution=32, upscale_factors=[2, 4], degradation=degradation)
+    gt = torch.rand(2, 3, 32, 32)
+    first = make_lq(gt, 4, cfg, torch.Generator().manual_seed(0))
+    second = make_lq(gt, 4, cfg, torch.Generator().manual_seed(0))
+    assert first[0].shape == (2, 3, 8, 8) and first[1].shape == gt.shape
+    assert 0 <= first[0].min() and first[0].max() <= 1
+    torch.testing.assert_close(first[0], second[0])
 
 
 def test_prepare_package_photos_holds_out(tmp_path):
