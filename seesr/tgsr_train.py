@@ -81,7 +81,7 @@ class TGSRTrainConfig:
     max_text_length: int = 64
     pretrained_model: str | None = None
     model: dict[str, Any] = field(default_factory=dict)
-    data: TGSRDataConfig = field(default_factory=lambda: TGSRDataConfig(train_data="data/tgsr"))
+    data: TGSRDataConfig = field(default_factory=lambda: TGSRDataConfig(train_data="data/tgsr/train"))
     loss: TGSRLossConfig = field(default_factory=TGSRLossConfig)
     train: TrainingArgs = field(default_factory=TrainingArgs)
     export_dir: str | None = None

@@ -166,3 +166,11 @@ def test_bundled_default_beats_bicubic_on_the_example():
     assert output.size == (512, 512)
     bicubic = np.asarray(lq.resize((512, 512), Image.BICUBIC))
     assert psnr(np.asarray(output), gt, 4) > psnr(bicubic, gt, 4) + 0.3
+
+
+def test_tiny_end_to_end_expected_slice(pipe):
+    """Regenerate on purpose only (seeded tiny model, tiny BERT, fixed input)."""
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (12, 12, 3), dtype=np.uint8))
+    out = pipe(image, "a red bird on a branch", upscale=4, output_type="pt").images
+    expected = torch.tensor([0.2300, 0.4236, 0.2598, 0.6472, 0.7299, 0.8417, 0.9897, 0.9913, 0.7738])
+    torch.testing.assert_close(out[0, :, 20, 20:23].flatten(), expected, atol=2e-3, rtol=0)
