@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/seesr upscale examples/ -o outputs/demo --overwrite
+	$(BIN)/seesr upscale examples/astronaut.png -o outputs/demo --prompt "$$(cat examples/astronaut.txt)" --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -29,6 +29,7 @@ from seesr.tgsr import TGSRModel, encode_text, load_text_encoder
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+MIN_SIDE = 8
 
 
 @dataclass
@@ -144,8 +145,8 @@ class TGSRPipeline(DiffusionPipeline):
                 item = item.float()
             else:
                 raise TypeError(f"image: got {type(item).__name__}, expected PIL.Image, numpy array or torch.Tensor")
-            if min(item.shape[-2:]) < 2:
-                raise ValueError(f"image: got size {tuple(item.shape[-2:])}, expected at least 2x2 pixels")
+            if min(item.shape[-2:]) < 1:
+                raise ValueError(f"image: got size {tuple(item.shape[-2:])}, expected at least 1x1 pixels")
             tensors.append(item)
         return tensors
 
@@ -203,7 +204,12 @@ class TGSRPipeline(DiffusionPipeline):
                 text = (token_embeds[i : i + 1, :length].to(device, dtype), token_mask[i : i + 1, :length].to(device),
                         pooled[i : i + 1].to(device, dtype))  # fmt: skip
                 lq = lq[None].to(device=device, dtype=dtype)
-                outputs.append(self.upscale_tiled(lq, text, upscale, tile_size, tile_overlap, progress).clamp(0, 1))
+                height, width = lq.shape[-2:]
+                # Tiny inputs (down to 1x1) are replicate-padded to MIN_SIDE and the output cropped back.
+                pad = (0, max(MIN_SIDE - width, 0), 0, max(MIN_SIDE - height, 0))
+                lq = torch.nn.functional.pad(lq, pad, mode="replicate") if any(pad) else lq
+                sr = self.upscale_tiled(lq, text, upscale, tile_size, tile_overlap, progress).clamp(0, 1)
+                outputs.append(sr[..., : height * upscale, : width * upscale])
         # 4. outputs
         result = self.postprocess(outputs, output_type)
         self.maybe_free_model_hooks()

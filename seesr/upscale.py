@@ -115,7 +115,7 @@ def load_pipeline(model: str | None, device, dtype):
     classes = {"SeeSRPipeline": SeeSRPipeline, "TGSRPipeline": TGSRPipeline}
     if name not in classes:
         raise ValueError(f"--model {model}: a {name} folder, expected a SeeSRPipeline or TGSRPipeline folder")
-    pipe = classes[name].from_pretrained(model, torch_dtype=dtype)
+    pipe = classes[name].from_pretrained(model, dtype=dtype)
     pipe.to(device)
     if getattr(pipe, "prompt_extractor", None) is not None:
         pipe.prompt_extractor.to(dtype=torch.float32)  # DAPE runs in fp32, as the original
@@ -195,8 +195,9 @@ def upscale_files(args: argparse.Namespace) -> int:
             continue
         try:
             loaded = load_image(path, max_pixels=args.max_pixels)
-            generator = torch.Generator(device="cpu").manual_seed(args.seed)
-            out = pipe(loaded.rgb, prompt=args.prompt, generator=generator, output_type="pil", **kwargs)
+            if kind == "SeeSRPipeline":
+                kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+            out = pipe(loaded.rgb, prompt=args.prompt, output_type="pil", **kwargs)
             atomic_save_image(out.images[0], target, alpha=loaded.alpha)
             if args.save_prompts:
                 atomic_write_text(target.with_suffix(".txt"), out.prompts[0] + "\n")

@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +144,29 @@ def test_two_processes_split_the_inputs(model_dir, tmp_path):
     assert sorted(line.split(" -> ")[0].split()[-1] for line in written) == sorted(str(p) for p in inputs.iterdir())
     assert {line.rsplit("(process ", 1)[1] for line in written} == {"0)", "1)"}
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f"img{i}.png" for i in range(5)]
+
+
+def test_embedded_default_model(tmp_path, caplog):
+    """No --model: the bundled TGSR model, announced in one log line; tiny and RGBA inputs handled."""
+    Image.open(Path(__file__).parents[1] / "examples" / "astronaut.png").crop((40, 20, 72, 44)).save(
+        tmp_path / "crop.png"
+    )
+    Image.new("RGBA", (1, 1), (90, 40, 200, 100)).save(tmp_path / "dot.png")
+    with caplog.at_level(logging.INFO):
+        code = main(
+            [
+                "upscale",
+                str(tmp_path / "crop.png"),
+                str(tmp_path / "dot.png"),
+                "-o",
+                str(tmp_path / "out"),
+                "--prompt",
+                "an astronaut",
+            ]
+        )
+    assert code == 0
+    assert sum("embedded default model" in r.getMessage() for r in caplog.records) == 1
+    assert Image.open(tmp_path / "out" / "crop.png").size == (128, 96)
+    dot = Image.open(tmp_path / "out" / "dot.png")
+    assert dot.size == (4, 4) and dot.mode == "RGBA" and dot.getpixel((1, 1))[3] == 100
+    assert main(["upscale", str(tmp_path / "crop.png"), "-o", str(tmp_path / "o2"), "--upscale", "3"]) == 1
