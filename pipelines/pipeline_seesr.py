@@ -320,8 +320,9 @@ class SeeSRPipeline(DiffusionPipeline):
             return (
                 randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
             )
-        lr_latents = self.encode_lq(lq, generator, vae_tile_size, upcast_vae).to(dtype)
+        # The original draws the start noise first (prepare_latents), then samples the VAE posterior.
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        lr_latents = self.encode_lq(lq, generator, vae_tile_size, upcast_vae).to(dtype)
         timestep = int(timesteps[0]) if start_timestep is None else start_timestep
         return self.noise_to_timestep(lr_latents, noise, timestep)
 

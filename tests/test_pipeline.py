@@ -12,6 +12,7 @@ from tiny import SD2_SCHEDULER, lq_image, tiny_pipeline
 
 from pipelines import SeeSRPipeline
 from pipelines.pipeline_seesr import preprocess_lq
+from pipelines.tiling import tile_grid
 from seesr.color import adain_color_fix
 
 
@@ -214,3 +215,26 @@ def test_scheduler_config_is_sd2():
     scheduler = DDPMScheduler.from_config(SD2_SCHEDULER)
     scheduler.set_timesteps(50)
     assert scheduler.timesteps[0] == 981 and scheduler.timesteps[-1] == 1
+
+
+def test_text_and_dape_encoded_once_per_image_not_per_step_or_tile():
+    from tiny_dape import tiny_dape
+
+    from seesr.conditioning import dape_condition
+
+    pipe = tiny_pipeline(seed=0, prompt_extractor=tiny_dape())
+    calls = {"text_encoder": 0, "prompt_extractor": 0, "unet": 0}
+    for name in calls:
+        getattr(pipe, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    out = run(
+        pipe,
+        [lq_image(24, 24, seed=1), lq_image(24, 24, seed=2)],
+        latent_tile_size=8,
+        latent_tile_overlap=4,
+        num_inference_steps=3,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+    )
+    assert calls["text_encoder"] == 1 and calls["prompt_extractor"] == 1  # one batched call each
+    assert calls["unet"] == 3 * len(tile_grid(12, 12, 8, 4))  # per step and tile
+    tags, _ = dape_condition(pipe.prompt_extractor, [lq_image(24, 24, seed=1), lq_image(24, 24, seed=2)])
+    assert out.prompts == [f"{t}, ,clean, high-resolution, 8k" for t in tags]  # the DAPE tags start the prompt
