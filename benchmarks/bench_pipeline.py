@@ -6,7 +6,7 @@ measured in one run:
 1. time per denoising step (median over the steps of one call, after a warm-up call) at 512 px output;
 2. the share of that call's wall time spent outside the model forwards (ControlNet, UNet, VAE encoder/decoder,
    text encoder; timed with forward pre/post hooks, synchronised on CUDA). Target: under 5 %;
-3. peak memory at each ``--sizes`` output (latent tiling 96/32 and VAE tiling 512 on, CFG on, ``--mem-steps``
+3. peak memory at each ``--sizes`` output (latent and VAE tiling on at the pipeline defaults, CFG on, ``--mem-steps``
    steps) above a baseline taken after the models are built and one tiny warm-up call, so weights are excluded
    alike for every size. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, above
    ``memory_allocated``; CPU: each size in a fresh subprocess of this script, the rise of the peak RSS
@@ -49,7 +49,16 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "tiny_clip_tokenizer"  # a real 524-token CLIP BPE vocabulary
 UPSCALE = 4
 GUIDANCE = 5.5
-TILE, TILE_OVERLAP, VAE_TILE = 96, 32, 512
+def _pipeline_defaults() -> tuple[int, int, int]:
+    import inspect
+
+    from pipelines.pipeline_seesr import SeeSRPipeline
+
+    params = inspect.signature(SeeSRPipeline.__call__).parameters
+    return tuple(params[n].default for n in ("latent_tile_size", "latent_tile_overlap", "vae_tile_size"))
+
+
+TILE, TILE_OVERLAP, VAE_TILE = _pipeline_defaults()  # the pipeline's own defaults
 IMAGE_TOKENS = 145  # DAPE's representation tokens per image (RCA input)
 SHARE_TARGET, RATIO_TARGET = 0.05, 1.5
 CHILD_MARK = "BENCH_CHILD_RESULT "
@@ -103,6 +112,23 @@ CONFIGS: dict[str, dict] = {
         },
         "vae": {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 32, "layers_per_block": 1},
         "text": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4},
+        "max_length": 77,
+    },
+    # The released sizes (SD2-base UNet + SeeSR RCA, SD VAE, OpenCLIP-H text encoder), random weights: for GPUs
+    # (on two CPU cores one 2048 px memory run takes about 20 minutes).
+    "sd2": {
+        "unet": {
+            "block_out_channels": (320, 640, 1280, 1280),
+            "attention_head_dim": (5, 10, 20, 20),
+            "cross_attention_dim": 1024,
+            "norm_num_groups": 32,
+            "layers_per_block": 2,
+            "use_linear_projection": True,
+            "image_cross_attention_dim": 512,
+            "sample_size": 64,
+        },
+        "vae": {"block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "layers_per_block": 2},
+        "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23},
         "max_length": 77,
     },
 }

@@ -66,7 +66,8 @@ class SeeSRPipelineOutput(BaseOutput):
 def _to_tensor(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1]."""
     if isinstance(image, PIL.Image.Image):
-        return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32).copy()).permute(2, 0, 1) / 255
+        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # one uint8 copy, then one float
+        return pixels.permute(2, 0, 1).float().div_(255)
     return image.float()
 
 
@@ -266,7 +267,8 @@ class SeeSRPipeline(DiffusionPipeline):
             raise ValueError(
                 f"image: all images of a batch must have the same size after pre-processing, got {shapes}"
             )
-        return torch.stack(tensors).to(self._execution_device), list(sizes)
+        batch = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
+        return batch.to(self._execution_device), list(sizes)
 
     def extract_prompts(self, images: list) -> tuple[list[str] | None, torch.Tensor | None]:
         """DAPE tags and representation tokens of the original LQ images (None, None without a prompt extractor)."""
@@ -362,7 +364,7 @@ class SeeSRPipeline(DiffusionPipeline):
         dtype = self._vae_dtype(upcast_vae)
         with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
             images = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (images.float() / 2 + 0.5).clamp(0, 1)
+        return images.float().div_(2).add_(0.5).clamp_(0, 1)
 
     @staticmethod
     def postprocess(
@@ -378,10 +380,10 @@ class SeeSRPipeline(DiffusionPipeline):
         8 bits, then PIL-bicubic resized. ``"np"`` / ``"pt"`` stay in float and resize with torch bicubic.
         """
         if output_type == "pil":
-            images = (images * 255).round() / 255
+            images = images.mul(255).round_().div_(255)
         images = color_fix(images, reference.to(images), method)
         if output_type == "pil":
-            arrays = (images * 255).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+            arrays = images.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             pils = [PIL.Image.fromarray(a) for a in arrays]
             return [p if p.size == s else p.resize(s, PIL.Image.BICUBIC) for p, s in zip(pils, sizes, strict=True)]
         if any(s != (images.shape[-1], images.shape[-2]) for s in sizes):
@@ -408,8 +410,8 @@ class SeeSRPipeline(DiffusionPipeline):
         start_timestep: int | None = 999,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        latent_tile_size: int | None = 96,
-        latent_tile_overlap: int = 32,
+        latent_tile_size: int | None = 64,
+        latent_tile_overlap: int = 16,
         vae_tile_size: int | None = 512,
         upcast_vae: bool = False,
         color_fix: str | None = "adain",
@@ -474,10 +476,11 @@ class SeeSRPipeline(DiffusionPipeline):
         embeds = embeds.repeat_interleave(repeats, dim=0)
         if image_embeds is not None:
             image_embeds = image_embeds.to(device, self.unet.dtype).repeat_interleave(repeats, dim=0)
-        lq, sizes = lq.repeat_interleave(repeats, dim=0), [s for s in sizes for _ in range(repeats)]
-        halves = 2 if do_cfg else 1  # embeds are [negatives; positives]; the LQ and DAPE tokens serve both halves
-        tokens = None if image_embeds is None else image_embeds.repeat(halves, 1, 1)
-        cond = SeeSRCondition(embeds, lq.to(self.unet.dtype).repeat(halves, 1, 1, 1), tokens)
+        if repeats > 1:
+            lq, sizes = lq.repeat_interleave(repeats, dim=0), [s for s in sizes for _ in range(repeats)]
+        # embeds are [negatives; positives]; one copy of the LQ and the DAPE tokens serves both halves (the denoiser
+        # repeats them per tile, so no doubled full-resolution condition is kept).
+        cond = SeeSRCondition(embeds, lq.to(self.unet.dtype), image_embeds)
 
         # 4. Timesteps and the starting latents.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -504,6 +507,7 @@ class SeeSRPipeline(DiffusionPipeline):
                 progress.update()
 
         # 6. Decode, colour-fix, resize.
+        del cond, embeds
         if output_type == "latent":
             result = latents
         else:

@@ -33,21 +33,30 @@ def predict_noise(
     cond: SeeSRCondition,
     conditioning_scale: float = 1.0,
 ) -> torch.Tensor:
-    """The UNet's prediction (epsilon or v, as the scheduler is configured) with the ControlNet residuals added."""
+    """The UNet's prediction (epsilon or v, as the scheduler is configured) with the ControlNet residuals added.
+
+    ``cond.control_image`` / ``cond.image_embeds`` may have a batch that divides the latents' (e.g. one copy for both
+    classifier-free-guidance halves); they are repeated here, per call (per tile), not kept doubled at full size.
+    """
+    control_image, image_embeds = cond.control_image, cond.image_embeds
+    if control_image.shape[0] != latents.shape[0]:
+        control_image = control_image.repeat(latents.shape[0] // control_image.shape[0], 1, 1, 1)
+    if image_embeds is not None and image_embeds.shape[0] != latents.shape[0]:
+        image_embeds = image_embeds.repeat(latents.shape[0] // image_embeds.shape[0], 1, 1)
     down, mid = controlnet(
         latents,
         timestep,
         encoder_hidden_states=cond.prompt_embeds,
-        controlnet_cond=cond.control_image.to(latents.dtype),
+        controlnet_cond=control_image.to(latents.dtype),
         conditioning_scale=conditioning_scale,
-        image_encoder_hidden_states=cond.image_embeds,
+        image_encoder_hidden_states=image_embeds,
         return_dict=False,
     )
     return unet(
         latents,
         timestep,
         encoder_hidden_states=cond.prompt_embeds,
-        image_encoder_hidden_states=cond.image_embeds,
+        image_encoder_hidden_states=image_embeds,
         down_block_additional_residuals=down,
         mid_block_additional_residual=mid,
         return_dict=False,

@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tile-size",
         type=_number(int, 8, allow_none=True),
         default=None,
-        help="tile size (SeeSR: latent px, default 96; TGSR: LR px); 'none' disables latent tiling",
+        help="tile size (SeeSR: latent px, default 64; TGSR: LR px, default 256); 'none' disables latent tiling",
     )
     parser.add_argument("--tile-overlap", type=_number(int, 0), default=None, help="tile overlap (same units)")
     parser.add_argument(
