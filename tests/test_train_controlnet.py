@@ -245,7 +245,9 @@ def test_two_processes_train_and_checkpoint(inputs, tmp_path):
         "train.gradient_checkpointing": "true",
     }
     script = [str(ROOT / "train_controlnet.py"), "--config", str(CONFIG), *overrides(inputs, out, 2, **extra)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *script]
+    # The real launcher: `accelerate launch --multi_gpu --num_processes 2` runs gloo on CPU with ACCELERATE_USE_CPU.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    command = [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stderr
