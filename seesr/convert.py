@@ -58,6 +58,25 @@ def _check_seesr_folder(seesr_dir: Path) -> None:
             raise ConversionError(f'{config}: not a SeeSR {name} (no "use_image_cross_attention": true)')
 
 
+def _check_dape_files(dape: DAPEFiles) -> None:
+    for path, what in ((dape.ram, "RAM checkpoint"), (dape.tag_list, "RAM tag list"), (dape.thresholds, "thresholds")):
+        _require(path, what)
+    if dape.dape is not None:
+        _require(dape.dape, "DAPE checkpoint")
+
+
+def _dape_model(dape: DAPEFiles):
+    """The converted, merged float32 DAPEModel."""
+    import torch
+
+    from dape.convert import convert_ram_checkpoint
+
+    logger.info("converting RAM %s + DAPE %s", dape.ram, dape.dape)
+    return convert_ram_checkpoint(
+        dape.ram, dape.dape, dape.tag_list, dape.thresholds, architecture=dape.architecture, dtype=torch.float32
+    )
+
+
 def _check_sd_folder(sd: str) -> None:
     path = Path(sd)
     if not path.exists():
@@ -100,14 +119,7 @@ def convert_seesr(
     _check_sd_folder(sd)
     _check_seesr_folder(seesr_dir)
     if dape is not None:
-        for path, what in (
-            (dape.ram, "RAM checkpoint"),
-            (dape.tag_list, "RAM tag list"),
-            (dape.thresholds, "RAM tag thresholds"),
-        ):
-            _require(path, what)
-        if dape.dape is not None:
-            _require(dape.dape, "DAPE checkpoint")
+        _check_dape_files(dape)
 
     torch_dtype = getattr(torch, DTYPES[dtype])
     logger.info("loading the SeeSR unet and controlnet from %s", seesr_dir)
@@ -125,12 +137,7 @@ def convert_seesr(
         )
     prompt_extractor = None
     if dape is not None:
-        from dape.convert import convert_ram_checkpoint
-
-        logger.info("converting RAM %s + DAPE %s", dape.ram, dape.dape)
-        prompt_extractor = convert_ram_checkpoint(
-            dape.ram, dape.dape, dape.tag_list, dape.thresholds, architecture=dape.architecture, dtype=torch.float32
-        )
+        prompt_extractor = _dape_model(dape)
         width = prompt_extractor.image_proj.out_features
         if width != unet.config.image_cross_attention_dim:
             raise ConversionError(
@@ -139,23 +146,41 @@ def convert_seesr(
             )
 
     pipe = SeeSRPipeline(vae, text_encoder, tokenizer, unet, controlnet, scheduler, prompt_extractor=prompt_extractor)
+    _stage_and_rename(output_dir, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+    logger.info("wrote %s", output_dir)
+    return output_dir
+
+
+def _stage_and_rename(output_dir: Path, write) -> None:
+    """``write(folder)`` into a temporary sibling of ``output_dir``, then rename it into place (never half-written)."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
+        write(staging)
         if output_dir.exists():
             shutil.rmtree(output_dir)
         staging.rename(output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    logger.info("wrote %s", output_dir)
+
+
+def convert_dape(dape: DAPEFiles, output_dir: str | Path, overwrite: bool = False) -> Path:
+    """A standalone DAPEModel folder (float32 safetensors) from the released RAM (+ DAPE) files, e.g. for
+    ``train_dape.py``'s ``dape_model`` (plain RAM, no DAPE.pth) or ``seesr tag``."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise ConversionError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+    _check_dape_files(dape)
+    model = _dape_model(dape)
+    _stage_and_rename(output_dir, lambda folder: model.save_pretrained(folder, safe_serialization=True))
+    logger.info("wrote %s (%d tags)", output_dir, model.num_classes)
     return output_dir
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sd", required=True, help="Stable Diffusion 2 base: diffusers folder or hub id")
-    parser.add_argument("--seesr", required=True, type=Path, help="released SeeSR folder with unet/ and controlnet/")
+    parser.add_argument("--sd", help="Stable Diffusion 2 base: diffusers folder or hub id")
+    parser.add_argument("--seesr", type=Path, help="released SeeSR folder with unet/ and controlnet/")
     parser.add_argument("-o", "--output-dir", required=True, type=Path, help="pipeline folder to write")
     parser.add_argument("--ram", type=Path, help="ram_swin_large_14m.pth (adds the DAPE prompt extractor)")
     parser.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
@@ -174,8 +199,14 @@ def run(args: argparse.Namespace) -> int:
             logger.error("DAPE conversion needs %s as well", ", ".join(missing))
             return 2
         dape = DAPEFiles(args.ram, args.dape, args.tag_list, args.tag_thresholds)
+    if (args.sd is None) != (args.seesr is None) or (args.sd is None and dape is None):
+        logger.error("give --sd and --seesr (a SeeSR pipeline folder), --ram ... alone (a DAPE folder), or both")
+        return 2
     try:
-        convert_seesr(args.sd, args.seesr, args.output_dir, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
+        if args.sd is None:
+            convert_dape(dape, args.output_dir, overwrite=args.overwrite)
+        else:
+            convert_seesr(args.sd, args.seesr, args.output_dir, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
     except (ConversionError, ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         return 1

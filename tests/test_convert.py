@@ -178,3 +178,39 @@ def test_convert_with_dape_and_upscale_writes_tags(released, tmp_path):
         ]
     )
     assert code == 0 and (tmp_path / "sr" / "lq.txt").read_text() == f"{tags}, ,clean, high-resolution, 8k\n"
+
+
+def test_convert_dape_only_folder(tmp_path, caplog):
+    from test_dape_convert import original_layout
+    from tiny_dape import TINY_DAPE_CONFIG, tiny_dape
+
+    from dape import DAPEModel
+    from seesr.convert import DAPEFiles, convert_dape
+
+    source = tiny_dape()
+    torch.save({"model": original_layout(source)}, tmp_path / "ram.pth")
+    (tmp_path / "tags.txt").write_text("\n".join(source.config.tag_names))
+    (tmp_path / "thresholds.txt").write_text("\n".join(map(str, source.config.tag_thresholds)))
+    files = DAPEFiles(tmp_path / "ram.pth", None, tmp_path / "tags.txt", tmp_path / "thresholds.txt", TINY_DAPE_CONFIG)
+    out = convert_dape(files, tmp_path / "dape")
+    loaded = DAPEModel.from_pretrained(out)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in source.state_dict().items())
+    with caplog.at_level(logging.ERROR):
+        assert main(["convert", "--seesr", str(tmp_path), "-o", str(tmp_path / "x")]) == 2
+        assert (
+            main(
+                [
+                    "convert",
+                    "--ram",
+                    str(tmp_path / "nope.pth"),
+                    "--tag-list",
+                    str(tmp_path / "tags.txt"),
+                    "--tag-thresholds",
+                    str(tmp_path / "thresholds.txt"),
+                    "-o",
+                    str(tmp_path / "y"),
+                ]
+            )
+            == 1
+        )
+    assert "RAM checkpoint not found" in caplog.text and not (tmp_path / "y").exists()
