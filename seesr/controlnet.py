@@ -15,7 +15,7 @@ from diffusers.models.controlnets.controlnet import ControlNetOutput
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (the pipeline loader looks it up here)
 from torch import nn
 
-from .rca import add_rca, with_image_tokens
+from .rca import add_rca, rca_kwargs
 from .unet import SeeSRUNet2DConditionModel, StrictLoadingMixin
 
 _COPIED_FROM_UNET = (
@@ -152,20 +152,13 @@ class SeeSRControlNetModel(StrictLoadingMixin, ControlNetModel):
         **controlnet_kwargs: Any,
     ) -> ControlNetOutput | tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """The stock ControlNet forward; ``image_encoder_hidden_states`` feeds RCA (skipped when None)."""
-        if image_encoder_hidden_states is not None:
-            if not self.rca_modules:
-                raise ValueError(
-                    "image_encoder_hidden_states given, but this ControlNet has no RCA "
-                    "(use_image_cross_attention=False)"
-                )
-            image_encoder_hidden_states = image_encoder_hidden_states.to(sample.dtype)
         return super().forward(
             sample,
             timestep,
             encoder_hidden_states,
             controlnet_cond,
             conditioning_scale=conditioning_scale,
-            cross_attention_kwargs=with_image_tokens(cross_attention_kwargs, image_encoder_hidden_states),
+            cross_attention_kwargs=rca_kwargs(self, cross_attention_kwargs, image_encoder_hidden_states, sample.dtype),
             return_dict=return_dict,
             **controlnet_kwargs,
         )

@@ -41,6 +41,20 @@ def with_image_tokens(cross_attention_kwargs: dict[str, Any] | None, tokens: tor
     return {**(cross_attention_kwargs or {}), IMAGE_TOKENS_KEY: tokens}
 
 
+def rca_kwargs(
+    model: nn.Module, cross_attention_kwargs: dict[str, Any] | None, tokens: torch.Tensor | None, dtype: torch.dtype
+) -> dict | None:
+    """``cross_attention_kwargs`` for a forward of an RCA model: a copy carrying ``tokens`` cast to ``dtype``."""
+    if tokens is None:
+        return cross_attention_kwargs
+    if not getattr(model, "rca_modules", None):
+        raise ValueError(
+            f"image_encoder_hidden_states given, but this {type(model).__name__} has no RCA "
+            "(use_image_cross_attention=False)"
+        )
+    return with_image_tokens(cross_attention_kwargs, tokens.to(dtype))
+
+
 class _RCAMixin:
     """Shared steps of the three RCA blocks. ``image_attentions`` is set by :func:`add_rca`."""
 

@@ -17,7 +17,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (the pipel
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from .rca import RCA_MODULE_NAME, add_rca, with_image_tokens, zero_rca_outputs
+from .rca import RCA_MODULE_NAME, add_rca, rca_kwargs, zero_rca_outputs
 
 logger = logging.getLogger(__name__)
 
@@ -217,17 +217,11 @@ class SeeSRUNet2DConditionModel(StrictLoadingMixin, UNet2DConditionModel):
         **unet_kwargs: Any,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
         """The stock UNet forward; ``image_encoder_hidden_states`` feeds RCA (skipped when None)."""
-        if image_encoder_hidden_states is not None:
-            if not self.rca_modules:
-                raise ValueError(
-                    "image_encoder_hidden_states given, but this UNet has no RCA (use_image_cross_attention=False)"
-                )
-            image_encoder_hidden_states = image_encoder_hidden_states.to(sample.dtype)
         return super().forward(
             sample,
             timestep,
             encoder_hidden_states,
-            cross_attention_kwargs=with_image_tokens(cross_attention_kwargs, image_encoder_hidden_states),
+            cross_attention_kwargs=rca_kwargs(self, cross_attention_kwargs, image_encoder_hidden_states, sample.dtype),
             return_dict=return_dict,
             **unet_kwargs,
         )
