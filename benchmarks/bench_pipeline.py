@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "tiny_clip_tokenizer"  # a real 524-token CLIP BPE vocabulary
 UPSCALE = 4
 GUIDANCE = 5.5
+
+
 def _pipeline_defaults() -> tuple[int, int, int]:
     import inspect
 
