@@ -117,7 +117,7 @@ def make_accelerator(args: TrainingArgs, project_name: str, config: Mapping[str,
     `config` (e.g. `config_to_dict(cfg)`) is recorded as the trackers' hyperparameters, flattened to `a.b` keys.
     """
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 
     project_config = ProjectConfiguration(
         project_dir=str(args.output_dir),
@@ -129,6 +129,9 @@ def make_accelerator(args: TrainingArgs, project_name: str, config: Mapping[str,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=project_config,
+        # Shuffle orders are a function of (seed, epoch), not of the global RNG, so that a resumed run skips into
+        # the same order it left (load_state restores the RNG as it was after that epoch's shuffle was drawn).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     if args.seed is not None:
         set_seed(args.seed)
