@@ -49,6 +49,10 @@ DROPPED_KEY_RULES: tuple[tuple[str, str], ...] = (
     (r"text_decoder\..*", "text decoder (captioning; not used for tagging)"),
     (r"tagging_head\.embeddings\..*", "tagging head embeddings (deleted in RAM)"),
     (r"tagging_head\.encoder\.layer\.\d+\.attention\..*", "tagging head self-attention (deleted in RAM)"),
+    (
+        r"visual_encoder\.layers\.\d+\.blocks\.\d+\.condition_(attention|ffn)\..*",
+        "condition projections of SeeSR's plain-RAM Swin (zero-initialised; inactive without a condition)",
+    ),
     (r".*\.relative_position_index", "recomputed buffer"),
     (r".*\.attn_mask", "recomputed buffer"),
 )
@@ -367,6 +371,8 @@ def convert_state_dict(
         reason = next((why for pattern, why in DROPPED_KEY_RULES if re.fullmatch(pattern, key)), None)
         if reason and not _TIED.fullmatch(key) and not _HEAD_LORA.fullmatch(key):
             ledger.dropped[key] = reason
+            if ".condition_" in key and ledger.source[key].abs().max() > 0:
+                logger.warning("%s is non-zero but has no counterpart in DAPE (it only acts with a condition)", key)
     _map_plain(ledger)
     _map_tied_fallbacks(ledger, num_tagging_layers)
     _map_lora(ledger, num_tagging_layers)

@@ -395,3 +395,16 @@ def test_interpolation_matches_fitpack_bicubic(src, dst):
 def test_interpolation_needs_four_points():
     with pytest.raises(CheckpointConversionError, match="< 4"):
         interpolate_relative_position_bias(torch.zeros(9, 1), 25)
+
+
+def test_plain_ram_condition_projections_are_dropped(released):
+    """SeeSR's plain-RAM Swin has zero-initialised condition_attention / condition_ffn Linears in every block."""
+    state = original_layout(released.source)
+    blocks = {k.rsplit(".attn.", 1)[0] for k in state if ".blocks." in k and ".attn." in k}
+    for block in blocks:
+        dim = state[f"{block}.norm1.weight"].shape[0]
+        state[f"{block}.condition_attention.0.weight"] = torch.zeros(2 * dim, 256, dtype=torch.float64)
+        state[f"{block}.condition_ffn.0.weight"] = torch.zeros(2 * dim, 256, dtype=torch.float64)
+    model = _convert(released(state))
+    for key, value in released.source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
