@@ -143,10 +143,10 @@ class DAPEModel(ModelMixin, ConfigMixin):
             return (image_embeds,) if logits is None else (image_embeds, logits)
         return DAPEOutput(image_embeds=image_embeds, logits=logits)
 
-    def preprocess(self, images: ImageInput, antialias: bool = False) -> torch.Tensor:
+    def preprocess(self, images: ImageInput, antialias: bool = False, mode: str = "bilinear") -> torch.Tensor:
         """`dape.preprocess_images` at this model's ``image_size``, on its device and dtype."""
         return preprocess_images(
-            images, self.config.image_size, antialias=antialias, device=self.device, dtype=self.dtype
+            images, self.config.image_size, antialias=antialias, mode=mode, device=self.device, dtype=self.dtype
         )
 
     def tag_mask(self, logits: torch.Tensor) -> torch.Tensor:

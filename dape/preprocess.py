@@ -59,6 +59,7 @@ def preprocess_images(
     image_size: int = 384,
     *,
     antialias: bool = False,
+    mode: str = "bilinear",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -69,18 +70,24 @@ def preprocess_images(
             by 255), or a list of these (sizes may differ).
         image_size: the square side DAPE expects (``DAPEModel.config.image_size``).
         antialias: see the module docstring; ``False`` reproduces SeeSR.
+        mode: ``"bilinear"`` (inference, torchvision's tensor Resize) or ``"bicubic"`` (SeeSR's training:
+            ``F.interpolate(..., mode="bicubic")`` of the upscaled LQ, then clamped to [0, 1]).
         device, dtype: of the result (default: the input's device, float32 for PIL/uint8 input).
     """
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"mode must be 'bilinear' or 'bicubic', got {mode!r}")
     resized = []
     for image in _split(images):
         x = _to_unit_tensor(image)
         if device is not None:
             x = x.to(device)
         x = F.interpolate(
-            x.unsqueeze(0), size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=antialias
+            x.unsqueeze(0), size=(image_size, image_size), mode=mode, align_corners=False, antialias=antialias
         )
+        if mode == "bicubic":
+            x = x.clamp(0, 1)
         resized.append(x)
     batch = torch.cat([x.to(resized[0].dtype) for x in resized])
     mean = torch.tensor(IMAGENET_MEAN, dtype=batch.dtype, device=batch.device).view(1, 3, 1, 1)

@@ -108,7 +108,7 @@ def multistep_lr_scheduler(
 
     def factor(count: int) -> float:
         decay = cfg.lr_gamma ** sum(count >= m for m in milestones)
-        return decay * (min(1.0, count / warmup) if warmup else 1.0)
+        return decay * (min(1.0, (count + num_processes) / warmup) if warmup else 1.0)  # BasicSR: iter / warmup
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

@@ -275,7 +275,9 @@ def training_loss(
         prompt_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompts, device)
         image_embeds = None
         if parts.dape is not None:
-            image_embeds = parts.dape(parts.dape.preprocess(control_image), output_logits=False).image_embeds
+            # As SeeSR's training: bicubic F.interpolate of the upscaled LQ to DAPE's size, clamped, normalised.
+            pixel_values = parts.dape.preprocess(control_image, mode="bicubic")
+            image_embeds = parts.dape(pixel_values, output_logits=False).image_embeds
         # 3. latents, noise, timesteps
         posterior = parts.vae.encode(target_image.to(weight_dtype) * 2 - 1).latent_dist
         latents = posterior.sample(generator=generator).float() * parts.vae.config.scaling_factor

@@ -323,3 +323,16 @@ def test_training_step_updates_only_lora():
 def test_cli_import_does_not_load_torch():
     code = "import sys, dape, dape.command; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+
+
+def test_bicubic_training_preprocess_matches_seesr_training():
+    """SeeSR's training: F.interpolate(bicubic) of the upscaled LQ to DAPE's size, clamp, ImageNet normalisation."""
+    from dape.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_images
+
+    images = torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    expected = (expected - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(preprocess_images(images, 32, mode="bicubic"), expected, rtol=0, atol=0)
+    assert not torch.equal(preprocess_images(images, 32), expected)
+    with pytest.raises(ValueError, match="mode"):
+        preprocess_images(images, 32, mode="nearest")
