@@ -36,6 +36,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+import dape.model  # noqa: F401  (registers the prompt_extractor's module for diffusers' component loader)
 from seesr.color import COLOR_FIX_METHODS, color_fix
 from seesr.conditioning import compose_prompt, dape_condition, encode_prompt
 from seesr.controlnet import SeeSRControlNetModel
@@ -322,9 +323,11 @@ class SeeSRPipeline(DiffusionPipeline):
             return (
                 randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
             )
-        # The original draws the start noise first (prepare_latents), then samples the VAE posterior.
+        # The original draws the start noise, then its DDPM step noises, from the generator, and samples the VAE
+        # posterior from the global RNG. The posterior gets its own stream derived from `generator` here, so the
+        # generator's sequence is the original's (and with generator=None everything follows the original's order).
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        lr_latents = self.encode_lq(lq, generator, vae_tile_size, upcast_vae).to(dtype)
+        lr_latents = self.encode_lq(lq, _posterior_generator(generator), vae_tile_size, upcast_vae).to(dtype)
         timestep = int(timesteps[0]) if start_timestep is None else start_timestep
         return self.noise_to_timestep(lr_latents, noise, timestep)
 
@@ -386,9 +389,15 @@ class SeeSRPipeline(DiffusionPipeline):
             arrays = images.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             pils = [PIL.Image.fromarray(a) for a in arrays]
             return [p if p.size == s else p.resize(s, PIL.Image.BICUBIC) for p, s in zip(pils, sizes, strict=True)]
-        if any(s != (images.shape[-1], images.shape[-2]) for s in sizes):
-            size = sizes[0][1], sizes[0][0]
-            images = F.interpolate(images, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+        resized = [
+            F.interpolate(image[None], size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)[0]
+            if (w, h) != (image.shape[-1], image.shape[-2])
+            else image
+            for image, (w, h) in zip(images, sizes, strict=True)
+        ]
+        if len(set(sizes)) > 1:  # originals of different sizes: one tensor / array per image
+            return [r.cpu().permute(1, 2, 0).numpy() if output_type == "np" else r for r in resized]
+        images = torch.stack(resized)
         return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
 
     # The call ----------------------------------------------------------------------------------------------------
@@ -518,6 +527,15 @@ class SeeSRPipeline(DiffusionPipeline):
         if not return_dict:
             return result, prompts_used
         return SeeSRPipelineOutput(images=result, prompts=prompts_used)
+
+
+def _posterior_generator(generator):
+    """A generator (or list) for the VAE posterior sample, seeded from ``generator`` without advancing it."""
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        return [_posterior_generator(g) for g in generator]
+    return torch.Generator(device=generator.device).manual_seed(generator.initial_seed() ^ 0x5EE5)
 
 
 class _vae_in_dtype:

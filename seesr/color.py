@@ -22,7 +22,7 @@ def adain_color_fix(content: torch.Tensor, reference: torch.Tensor, eps: float =
     content_mean, content_std = stats(content)
     reference_mean, reference_std = stats(reference)
     # One full-size allocation: large outputs are colour-fixed at full resolution.
-    return (content - content_mean).mul_(reference_std / content_std).add_(reference_mean).clamp_(0, 1)
+    return (content - content_mean).div_(content_std).mul_(reference_std).add_(reference_mean).clamp_(0, 1)
 
 
 def _wavelet_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:

@@ -183,6 +183,8 @@ def upscale_files(args: argparse.Namespace) -> int:
             import diffusers
 
             pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+            if args.scheduler != "ddpm":
+                kwargs["start_timestep"] = None  # noise the LR latent to the sampler's own first step
     except (ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0])
         return 1

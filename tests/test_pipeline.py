@@ -170,43 +170,54 @@ def test_stock_unet_is_refused(pipe):
         SeeSRPipeline(**components)
 
 
-def test_save_load_round_trip_in_fresh_process(pipe, tmp_path):
+@pytest.mark.parametrize("with_dape", [False, True], ids=["no-dape", "dape"])
+def test_save_load_round_trip_in_fresh_process(pipe, tmp_path, with_dape):
+    """Both loaders, in a fresh interpreter that imported nothing of ours, give identical output."""
+    if with_dape:
+        from tiny_dape import tiny_dape
+
+        pipe = tiny_pipeline(seed=0, prompt_extractor=tiny_dape())
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
     assert index["unet"] == ["seesr.unet", "SeeSRUNet2DConditionModel"]
-    assert index["scheduler"][1] == "DDPMScheduler" and index["prompt_extractor"] == [None, None]
+    assert index["scheduler"][1] == "DDPMScheduler"
+    assert index["prompt_extractor"] == (["dape.model", "DAPEModel"] if with_dape else [None, None])
     expected = run(pipe).images
     loaded = SeeSRPipeline.from_pretrained(tmp_path / "pipe")
     np.testing.assert_array_equal(run(loaded).images, expected)
     script = (
         "import sys, numpy as np, torch\n"
+        "assert not any(m.split('.')[0] in ('seesr', 'dape', 'pipelines') for m in sys.modules)\n"
         "from diffusers import DiffusionPipeline\n"
         "sys.path.insert(0, sys.argv[3])\n"
         "from tiny import lq_image\n"
-        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "def run(pipe):\n"
+        "    return pipe(lq_image(16, 16), generator=torch.Generator().manual_seed(0), num_inference_steps=2,\n"
+        "                process_size=64, output_type='np').images\n"
+        "if sys.argv[4] == 'diffusers':\n"
+        "    pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "else:\n"
+        "    from pipelines import SeeSRPipeline\n"
+        "    pipe = SeeSRPipeline.from_pretrained(sys.argv[1])\n"
         "assert type(pipe).__name__ == 'SeeSRPipeline', type(pipe)\n"
-        "out = pipe(lq_image(16, 16), generator=torch.Generator().manual_seed(0), num_inference_steps=2,\n"
-        "           process_size=64, output_type='np').images\n"
-        "np.save(sys.argv[2], out)\n"
+        "np.save(sys.argv[2], run(pipe))\n"
     )
     threads = str(torch.get_num_threads())  # same reduction order as this process: outputs must be identical
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": threads}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            script,
-            str(tmp_path / "pipe"),
-            str(tmp_path / "out.npy"),
-            str(__import__("tiny").FIXTURES.parent),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), expected)
+    tests_dir = str(__import__("tiny").FIXTURES.parent)
+    for loader in ("diffusers", "seesr") if with_dape else ("diffusers",):
+        out = tmp_path / f"{loader}.npy"
+        command = [sys.executable, "-c", script, str(tmp_path / "pipe"), str(out), tests_dir, loader]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        np.testing.assert_array_equal(np.load(out), expected)
+
+
+def test_np_outputs_of_different_original_sizes(pipe):
+    """25x31 and 24x30 both pre-process to 96x120 but must come back at 100x124 and 96x120."""
+    generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    out = run(pipe, [lq_image(25, 31), lq_image(24, 30)], generator=generators).images
+    assert [a.shape for a in out] == [(124, 100, 3), (120, 96, 3)]
 
 
 def test_scheduler_config_is_sd2():
