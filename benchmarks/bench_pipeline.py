@@ -67,17 +67,6 @@ CHILD_MARK = "BENCH_CHILD_RESULT "
 if str(REPO) not in sys.path:  # `pipelines` from this checkout, also when an older editable install maps it oddly
     sys.path.insert(0, str(REPO))
 
-SD2_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-}
 
 # UNet / VAE / text-encoder sizes. ``tiny`` matches tests/tiny.py; ``mid`` keeps SD2's block types (cross-attention
 # on every level but the lowest) and a 4-level VAE (scale factor 8), sized to run in minutes on two CPU cores.
@@ -145,6 +134,7 @@ def build_pipeline(name: str, device: str, dtype: torch.dtype, seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from pipelines import SeeSRPipeline
+    from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG
     from seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
 
     config = CONFIGS[name]
@@ -177,7 +167,7 @@ def build_pipeline(name: str, device: str, dtype: torch.dtype, seed: int = 0):
         tokenizer=tokenizer,
         unet=unet,
         controlnet=controlnet,
-        scheduler=DDPMScheduler.from_config(SD2_SCHEDULER),
+        scheduler=DDPMScheduler.from_config(SD2_SCHEDULER_CONFIG),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)

@@ -24,13 +24,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's packages (dape included) even when the install predates them
 
 import seesr.train as train_module  # noqa: E402
+from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG as SD2_SCHEDULER  # noqa: E402
 from seesr.config import load_config  # noqa: E402
 from seesr.data import collate  # noqa: E402
 from seesr.train import SeeSRTrainConfig, setup_training, training_loss  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tiny_clip_tokenizer"
-SD2_SCHEDULER = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-                 "num_train_timesteps": 1000, "clip_sample": False, "prediction_type": "epsilon"}  # fmt: skip
 
 # name: (UNet widths, layers per block, text width, VAE widths, DAPE (embed, depths, heads, window, size, proj),
 #        resolution, batch)

@@ -47,6 +47,19 @@ from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
 
 logger = logging.getLogger(__name__)
 
+#: Stable Diffusion 2 base's scheduler config (its scheduler/ folder), which SeeSR reads into a DDPMScheduler:
+#: 50 steps give timesteps 981, 961, ..., 1.
+SD2_SCHEDULER_CONFIG = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "prediction_type": "epsilon",
+}
 DEFAULT_ADDED_PROMPT = "clean, high-resolution, 8k"
 DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG
+
 FIXTURES = Path(__file__).parent / "fixtures"
 RELEASED = FIXTURES / "released_layout"
 
@@ -153,17 +155,7 @@ def tiny_vae(seed: int = 0):
     ).eval()
 
 
-SD2_SCHEDULER = {
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-}
+SD2_SCHEDULER = SD2_SCHEDULER_CONFIG
 
 
 def tiny_pipeline(seed: int = 0, prompt_extractor=None, image_cross_attention_dim: int | None = None):
