@@ -234,6 +234,7 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from seesr.tgsr_data import CaptionedImageDataset, collate_captioned
+    from seesr.train import epoch_batches
     from seesr.training import (
         log_step,
         make_accelerator,
@@ -280,36 +281,34 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
                 sum(p.numel() for p in trainable_parameters(model)) / 1e6, len(dataset.items), step)  # fmt: skip
     # 3. loop
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+    batches = epoch_batches(accelerator, loader, step)  # resumes into the same shuffled order and position
     while step < args.max_train_steps:
-        for batch in loader:
-            captions = [
-                "" if float(torch.rand((), generator=generator)) < data.caption_dropout else c
-                for c in batch["caption"]
-            ]
-            batch = {"gt": batch["gt"], "caption": captions}
-            factor = data.upscale_factors[int(torch.randint(len(data.upscale_factors), (), generator=generator))]
-            text = text_cache(captions, accelerator.device)
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    terms = compute_loss(model, batch, text, factor, cfg, clip_loss, generator)
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients and args.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            progress.update(1)
-            values = log_step(accelerator, args, step, {**terms, "lr": lr_scheduler.get_last_lr()[0]})
-            progress.set_postfix(loss=f"{values['loss']:.4f}")
-            if not math.isfinite(values["loss"]):
-                raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
-            if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-                save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
-            if step >= args.max_train_steps:
-                break
+        batch = next(batches)
+        captions = [
+            "" if float(torch.rand((), generator=generator)) < data.caption_dropout else c for c in batch["caption"]
+        ]
+        batch = {"gt": batch["gt"], "caption": captions}
+        factor = data.upscale_factors[int(torch.randint(len(data.upscale_factors), (), generator=generator))]
+        text = text_cache(captions, accelerator.device)
+        with accelerator.accumulate(model):
+            with accelerator.autocast():
+                terms = compute_loss(model, batch, text, factor, cfg, clip_loss, generator)
+            accelerator.backward(terms["loss"])
+            if accelerator.sync_gradients and args.max_grad_norm is not None:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        progress.update(1)
+        values = log_step(accelerator, args, step, {**terms, "lr": lr_scheduler.get_last_lr()[0]})
+        progress.set_postfix(loss=f"{values['loss']:.4f}")
+        if not math.isfinite(values["loss"]):
+            raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
+        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
     progress.close()
     # 4. export
     accelerator.wait_for_everyone()
