@@ -205,9 +205,9 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from seesr.data import ImageFolderDataset, collate
-    from seesr.train import epoch_batches, step_generator
     from seesr.training import (
         cast_training_params,
+        epoch_batches,
         frozen_weight_dtype,
         log_step,
         make_accelerator,
@@ -215,6 +215,7 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
         make_optimizer,
         resume_step,
         save_checkpoint,
+        step_generator,
         trainable_parameters,
         unwrap,
         write_resolved_config,

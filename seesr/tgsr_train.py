@@ -234,8 +234,8 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
     from tqdm.auto import tqdm
 
     from seesr.tgsr_data import CaptionedImageDataset, collate_captioned
-    from seesr.train import epoch_batches
     from seesr.training import (
+        epoch_batches,
         log_step,
         make_accelerator,
         make_lr_scheduler,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,7 +27,7 @@ from seesr.config import config_to_dict, load_config
 from seesr.degradation import DegradationConfig, degrade
 from seesr.denoise import SeeSRCondition, predict_noise
 from seesr.rca import RCA_MODULE_NAME
-from seesr.training import TrainingArgs
+from seesr.training import TrainingArgs, epoch_batches, step_generator
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -299,25 +298,6 @@ def training_loss(
 
 
 # ---------------------------------------------------------------------------------------------------- loop helpers
-
-
-def epoch_batches(accelerator: Accelerator, loader, step: int) -> Iterator[dict[str, Any]]:
-    """Batches forever, starting where optimizer step ``step`` left off (epoch and position, after a resume)."""
-    accumulation = accelerator.gradient_accumulation_steps
-    epoch, skip = divmod(step * accumulation, max(len(loader), 1))
-    while True:
-        dataset = loader.dataset
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
-        epoch, skip = epoch + 1, 0
-
-
-def step_generator(device: torch.device, seed: int | None, step: int, process_index: int) -> torch.Generator:
-    """The generator of every random draw of the step function (degradation, dropout, VAE sample, noise, t)."""
-    return torch.Generator(device=device).manual_seed(((seed or 0) * 1_000_003 + step) * 1_009 + process_index)
 
 
 def parse_cli(description: str, argv: list[str] | None) -> tuple[Path | None, list[str]]:

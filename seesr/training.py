@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -379,3 +379,22 @@ def log_step(
     if step % args.logging_steps == 0 and accelerator.is_main_process:
         logger.info("step %d/%d: %s", step, args.max_train_steps, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
     return values
+
+
+def epoch_batches(accelerator: Accelerator, loader, step: int) -> Iterator[dict[str, Any]]:
+    """Batches forever, starting where optimizer step ``step`` left off (epoch and position, after a resume)."""
+    accumulation = accelerator.gradient_accumulation_steps
+    epoch, skip = divmod(step * accumulation, max(len(loader), 1))
+    while True:
+        dataset = loader.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def step_generator(device: torch.device, seed: int | None, step: int, process_index: int) -> torch.Generator:
+    """The generator of every random draw of the step function (degradation, dropout, VAE sample, noise, t)."""
+    return torch.Generator(device=device).manual_seed(((seed or 0) * 1_000_003 + step) * 1_009 + process_index)

@@ -3,8 +3,7 @@
 import torch
 from torch.utils.data import DataLoader
 
-from seesr.train import epoch_batches
-from seesr.training import TrainingArgs, make_accelerator, resume_step, save_checkpoint
+from seesr.training import TrainingArgs, epoch_batches, make_accelerator, resume_step, save_checkpoint
 
 
 def take(batches, n):
