@@ -18,12 +18,10 @@ Reproduces the original ``test_seesr.py`` + ``pipeline_seesr.py`` behaviour (see
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -43,6 +41,7 @@ from seesr.controlnet import SeeSRControlNetModel
 from seesr.denoise import SeeSRCondition, predict_noise
 from seesr.unet import SeeSRUNet2DConditionModel
 
+from .loading import InstalledCodeLoaderMixin
 from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
 
 logger = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ def preprocess_lq(
     return _to_tensor(image), final_size
 
 
-class SeeSRPipeline(DiffusionPipeline):
+class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     r"""SeeSR super-resolution: DAPE prompts + ControlNet with RCA over a frozen Stable Diffusion UNet.
 
     Components: ``vae`` (AutoencoderKL), ``text_encoder`` + ``tokenizer`` (CLIP), ``unet``
@@ -129,6 +128,7 @@ class SeeSRPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"
     _optional_components = ["prompt_extractor"]
     _callback_tensor_inputs = ["latents"]
+    loader_file = REMOTE_CODE_FILE
 
     def __init__(
         self,
@@ -167,24 +167,7 @@ class SeeSRPipeline(DiffusionPipeline):
         """``DiffusionPipeline.save_pretrained`` plus a two-line loader file, so that the folder also loads with
         ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (it imports this installed package)."""
         super().save_pretrained(save_directory, **kwargs)
-        index_path = Path(save_directory) / "model_index.json"
-        index = json.loads(index_path.read_text())
-        index["_class_name"] = [REMOTE_CODE_FILE, type(self).__name__]
-        index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (Path(save_directory) / f"{REMOTE_CODE_FILE}.py").write_text(
-            '"""Loads SeeSRPipeline from the installed `seesr` distribution (pip install seesr)."""\n\n'
-            f"from {__name__} import {type(self).__name__}  # noqa: F401\n"
-        )
-
-    @classmethod
-    def load_config(cls, *args: Any, **kwargs: Any):
-        """Read ``model_index.json``; our own class needs no remote code, so the loader-file entry is dropped."""
-        result = super().load_config(*args, **kwargs)
-        config = result[0] if isinstance(result, tuple) else result
-        name = config.get("_class_name")
-        if isinstance(name, list) and len(name) == 2 and name[1] == cls.__name__:
-            config["_class_name"] = cls.__name__
-        return result
+        self._write_loader(save_directory)
 
     # Inputs ------------------------------------------------------------------------------------------------------
 

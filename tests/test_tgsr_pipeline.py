@@ -133,7 +133,7 @@ def test_save_with_a_package_reference_does_not_copy_the_encoder(tmp_path):
     )
     pipeline.set_progress_bar_config(disable=True)
     pipeline.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model_index.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model_index.json", "pipeline_tgsr.py"]
     index = json.loads((tmp_path / "model_index.json").read_text())
     assert index["text_encoder_source"] == DEFAULT_TEXT_ENCODER
     size = sum(p.stat().st_size for p in tmp_path.rglob("*") if p.is_file())
@@ -174,3 +174,26 @@ def test_tiny_end_to_end_expected_slice(pipe):
     out = pipe(image, "a red bird on a branch", upscale=4, output_type="pt").images
     expected = torch.tensor([0.2300, 0.4236, 0.2598, 0.6472, 0.7299, 0.8417, 0.9897, 0.9913, 0.7738])
     torch.testing.assert_close(out[0, :, 20, 20:23].flatten(), expected, atol=2e-3, rtol=0)
+
+
+def test_bundled_default_loads_through_diffusers_in_a_fresh_process(tmp_path):
+    """`DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)` without importing seesr first, offline."""
+    import subprocess
+    import sys
+
+    from seesr.tgsr import default_model_path
+
+    script = (
+        "import sys, torch\n"
+        "from diffusers import DiffusionPipeline\n"
+        "pipe = DiffusionPipeline.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "assert type(pipe).__name__ == 'TGSRPipeline', type(pipe)\n"
+        "assert type(pipe.text_encoder).__name__ == 'BertModel'\n"
+        "print(pipe(torch.rand(3, 12, 10), 'a cat', upscale=2, output_type='pt').images.shape)\n"
+    )
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(default_model_path())], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch.Size([1, 3, 24, 20])" in result.stdout

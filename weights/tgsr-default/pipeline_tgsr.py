@@ -1,0 +1,3 @@
+"""Loads TGSRPipeline from the installed `seesr` distribution (pip install seesr)."""
+
+from pipelines.pipeline_tgsr import TGSRPipeline  # noqa: F401
