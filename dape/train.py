@@ -12,7 +12,6 @@ See docs/training_seesr.md.
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -206,15 +205,15 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
 
     from seesr.data import ImageFolderDataset, collate
     from seesr.training import (
+        apply_gradients,
         cast_training_params,
         epoch_batches,
+        finish_step,
         frozen_weight_dtype,
-        log_step,
         make_accelerator,
         make_lr_scheduler,
         make_optimizer,
         resume_step,
-        save_checkpoint,
         step_generator,
         trainable_parameters,
         unwrap,
@@ -260,22 +259,11 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
         with accelerator.accumulate(student):
             with accelerator.autocast():
                 terms = distillation_loss(teacher, student, batch, cfg, generator)
-            accelerator.backward(terms["loss"])
-            if accelerator.sync_gradients and args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(accelerator, terms["loss"], params, optimizer, lr_scheduler, args.max_grad_norm)
         if not accelerator.sync_gradients:
             continue
         step += 1
-        progress.update(1)
-        values = log_step(accelerator, args, step, {**terms, "lr": lr_scheduler.get_last_lr()[0]})
-        progress.set_postfix(loss=f"{values['loss']:.4f}")
-        if not math.isfinite(values["loss"]):
-            raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+        finish_step(accelerator, args, step, terms, lr_scheduler, progress)
     progress.close()
     # 4. export
     accelerator.wait_for_everyone()

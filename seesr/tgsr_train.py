@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -235,14 +234,14 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
 
     from seesr.tgsr_data import CaptionedImageDataset, collate_captioned
     from seesr.training import (
+        apply_gradients,
         epoch_batches,
-        log_step,
+        finish_step,
         make_accelerator,
         make_lr_scheduler,
         make_optimizer,
         register_save_load_hooks,
         resume_step,
-        save_checkpoint,
         trainable_parameters,
         unwrap,
         write_resolved_config,
@@ -293,22 +292,13 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 terms = compute_loss(model, batch, text, factor, cfg, clip_loss, generator)
-            accelerator.backward(terms["loss"])
-            if accelerator.sync_gradients and args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(
+                accelerator, terms["loss"], model.parameters(), optimizer, lr_scheduler, args.max_grad_norm
+            )
         if not accelerator.sync_gradients:
             continue
         step += 1
-        progress.update(1)
-        values = log_step(accelerator, args, step, {**terms, "lr": lr_scheduler.get_last_lr()[0]})
-        progress.set_postfix(loss=f"{values['loss']:.4f}")
-        if not math.isfinite(values["loss"]):
-            raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+        finish_step(accelerator, args, step, terms, lr_scheduler, progress)
     progress.close()
     # 4. export
     accelerator.wait_for_everyone()

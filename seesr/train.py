@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -455,15 +454,15 @@ def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
 
     from seesr.data import ImageFolderDataset, collate
     from seesr.training import (
+        apply_gradients,
         count_parameters,
+        finish_step,
         frozen_weight_dtype,
-        log_step,
         make_accelerator,
         make_lr_scheduler,
         make_optimizer,
         register_save_load_hooks,
         resume_step,
-        save_checkpoint,
         trainable_parameters,
         unwrap,
         write_resolved_config,
@@ -514,22 +513,11 @@ def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
         with accelerator.accumulate(*models):
             with accelerator.autocast():
                 loss = training_loss(parts, unet, controlnet, batch, cfg, generator, weight_dtype)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm is not None:
-                accelerator.clip_grad_norm_(params, args.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
         if not accelerator.sync_gradients:
             continue
         step += 1
-        progress.update(1)
-        values = log_step(accelerator, args, step, {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]})
-        progress.set_postfix(loss=f"{values['loss']:.4f}")
-        if not math.isfinite(values["loss"]):
-            raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
-        if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
-            save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+        finish_step(accelerator, args, step, {"loss": loss}, lr_scheduler, progress)
         if cfg.validation.images and (step % cfg.validation.steps == 0 or step == args.max_train_steps):
             if accelerator.is_main_process:
                 log_validation(accelerator, cfg, parts, (unet, controlnet), step)

@@ -22,6 +22,7 @@ Checkpoints are folders `output_dir/checkpoint-{step}` written by `accelerator.s
 from __future__ import annotations
 
 import logging
+import math
 import re
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
@@ -398,3 +399,33 @@ def epoch_batches(accelerator: Accelerator, loader, step: int) -> Iterator[dict[
 def step_generator(device: torch.device, seed: int | None, step: int, process_index: int) -> torch.Generator:
     """The generator of every random draw of the step function (degradation, dropout, VAE sample, noise, t)."""
     return torch.Generator(device=device).manual_seed(((seed or 0) * 1_000_003 + step) * 1_009 + process_index)
+
+
+def apply_gradients(
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    params: Iterable[torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    max_grad_norm: float | None,
+) -> None:
+    """Backward, clip (on the synchronising micro-batch), optimizer and scheduler step; inside ``accumulate``."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def finish_step(
+    accelerator: Accelerator, args: TrainingArgs, step: int, logs: Mapping[str, Any], lr_scheduler, progress
+) -> None:
+    """After optimizer step ``step``: log (with the lr), fail on a non-finite loss, checkpoint when due."""
+    values = log_step(accelerator, args, step, {**logs, "lr": lr_scheduler.get_last_lr()[0]})
+    progress.update(1)
+    progress.set_postfix(loss=f"{values['loss']:.4f}")
+    if not math.isfinite(values["loss"]):
+        raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
+    if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
