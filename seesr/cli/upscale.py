@@ -105,7 +105,7 @@ def load_pipeline(model: str | None, device, dtype):
     from pipelines import SeeSRPipeline, TGSRPipeline
 
     if model is None:
-        from seesr.tgsr import default_model_path
+        from seesr.models.tgsr import default_model_path
 
         model = str(default_model_path())
         logger.info("Using the embedded default model (TGSR-small, offline) from %s; pass --model for SeeSR", model)
@@ -156,7 +156,7 @@ def upscale_files(args: argparse.Namespace) -> int:
     from accelerate.utils import parse_flag_from_env
     from tqdm.auto import tqdm
 
-    from .image_io import ImageLoadError, atomic_save_image, atomic_write_text, expand_inputs, load_image, shard
+    from seesr.image_io import ImageLoadError, atomic_save_image, atomic_write_text, expand_inputs, load_image, shard
 
     files, errors = expand_inputs(args.inputs)
     for error in errors:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from seesr.config import save_config
+from seesr.training.config import save_config
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

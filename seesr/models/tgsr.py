@@ -48,7 +48,7 @@ class TGSRModelOutput(BaseOutput):
 
 def default_model_path() -> Path:
     """The folder of the bundled TGSR pipeline (`weights/tgsr-default/` at the repository root)."""
-    path = Path(__file__).resolve().parents[1] / "weights" / "tgsr-default"
+    path = Path(__file__).resolve().parents[2] / "weights" / "tgsr-default"
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
             f"The bundled TGSR weights were not found at {path} (no model_index.json). They live in the source "

@@ -1,7 +1,7 @@
 """SeeSR's ControlNet: the stock diffusers ``ControlNetModel`` plus representation cross-attention (RCA).
 
 Loads the released ``seesr/controlnet`` folder unchanged, strictly. ``from_unet`` builds it from a
-:class:`~seesr.unet.SeeSRUNet2DConditionModel`, copying the encoder half including the RCA weights (as SeeSR).
+:class:`~seesr.models.unet.SeeSRUNet2DConditionModel`, copying the encoder half including the RCA weights (as SeeSR).
 """
 
 from __future__ import annotations

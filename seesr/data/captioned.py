@@ -23,7 +23,7 @@ from seesr.image_io import IMAGE_EXTENSIONS, atomic_save_image, atomic_write_tex
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CAPTIONS = Path(__file__).resolve().parents[1] / "configs" / "tgsr_captions.yaml"
+DEFAULT_CAPTIONS = Path(__file__).resolve().parents[2] / "configs" / "tgsr_captions.yaml"
 PACKAGE_PHOTO_DIRS = {
     "skimage": ("skimage", "data"),
     "sklearn": ("sklearn", "datasets/images"),

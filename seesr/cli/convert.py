@@ -107,9 +107,8 @@ def convert_seesr(
     from transformers import AutoTokenizer, CLIPTextModel
 
     from pipelines.pipeline_seesr import SeeSRPipeline
-
-    from .controlnet import SeeSRControlNetModel
-    from .unet import SeeSRUNet2DConditionModel
+    from seesr.models.controlnet import SeeSRControlNetModel
+    from seesr.models.unet import SeeSRUNet2DConditionModel
 
     seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
     if dtype not in DTYPES:

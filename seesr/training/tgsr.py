@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seesr.config import config_to_dict, load_config
-from seesr.tgsr import DEFAULT_TEXT_ENCODER, PACKAGE_PREFIX, TGSRModel, encode_text, load_text_encoder
-from seesr.training import TrainingArgs
+from seesr.models.tgsr import DEFAULT_TEXT_ENCODER, PACKAGE_PREFIX, TGSRModel, encode_text, load_text_encoder
+from seesr.training.config import config_to_dict, load_config
+from seesr.training.loop import TrainingArgs
 
 logger = logging.getLogger(__name__)
 
@@ -158,11 +158,11 @@ class CLIPDetailLoss(nn.Module):
 
 def make_lq(gt: torch.Tensor, factor: int, cfg: TGSRDataConfig, generator: torch.Generator):
     """(lq, gt) for one batch: bicubic through 8-bit PIL, or the Real-ESRGAN degradation (lazy import)."""
-    from seesr.tgsr_data import bicubic_downscale
+    from seesr.data.captioned import bicubic_downscale
 
     if cfg.degradation == "bicubic":
         return bicubic_downscale(gt, factor), gt
-    from seesr.degradation import DegradationConfig, degrade
+    from seesr.data.degradation import DegradationConfig, degrade
 
     base = load_config(DegradationConfig, cfg.degradation_config) if cfg.degradation_config else DegradationConfig()
     out = degrade(gt, _with_scale(base, factor), generator)
@@ -232,8 +232,8 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from seesr.tgsr_data import CaptionedImageDataset, collate_captioned
-    from seesr.training import (
+    from seesr.data.captioned import CaptionedImageDataset, collate_captioned
+    from seesr.training.loop import (
         apply_gradients,
         epoch_batches,
         finish_step,

@@ -1,6 +1,6 @@
 """Training data: HR images of any size as random square crops in [0, 1], with optional pre-extracted tags.
 
-No degradation and no model code here: the training step runs `seesr.degradation.degrade` on the batched
+No degradation and no model code here: the training step runs `seesr.data.degradation.degrade` on the batched
 crops, on the training device. Tags (the `tag1, tag2, ...` text `seesr tag` writes) are read from `NAME.txt`
 beside each image or in a `tags_dir`; a sample without one has `tags=None` and the training step may tag it.
 """

@@ -1,7 +1,8 @@
 """The `seesr` command: thin wrappers over library functions.
 
-Each sub-command lives in its own module with `add_arguments(parser)` and `run(args) -> int`. Those modules
-import only the standard library at module level, so `seesr --help` starts fast; the heavy imports
+Each sub-command lives in its own module with `add_arguments(parser)` and `run(args) -> int`: `upscale`,
+`convert`, `make_pairs`, `evaluate` here, and `tag` in `dape.command`; `COMMANDS` maps the command names to them.
+Those modules import only the standard library at module level, so `seesr --help` starts fast; the heavy imports
 (torch, diffusers) happen inside `run`.
 """
 
@@ -13,11 +14,11 @@ import logging
 import sys
 
 COMMANDS: dict[str, str] = {
-    "upscale": "seesr.upscale",
-    "convert": "seesr.convert",
+    "upscale": "seesr.cli.upscale",
+    "convert": "seesr.cli.convert",
     "tag": "dape.command",
-    "make-pairs": "seesr.pairs",
-    "evaluate": "seesr.evaluate",
+    "make-pairs": "seesr.cli.make_pairs",
+    "evaluate": "seesr.cli.evaluate",
 }
 
 

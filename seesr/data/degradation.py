@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from seesr.jpeg import jpeg_compress
+from seesr.data.jpeg import jpeg_compress
 
 logger = logging.getLogger(__name__)
 
@@ -582,3 +582,15 @@ def degrade(gt: torch.Tensor, config: DegradationConfig, generator: torch.Genera
     if config.quantize_lq:
         lq = (lq * 255).round() / 255
     return DegradationOutput(gt=target.to(gt.dtype), lq=lq.to(gt.dtype))
+
+
+def degraded_condition(
+    gt: torch.Tensor, degradation: DegradationConfig, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, condition) for HR crops in [0, 1]: the (USM-sharpened) GT, and the degraded LQ bicubic-upscaled
+    back to the GT size in [0, 1] (the original's ``sr_bicubic``). Runs on ``gt``'s device."""
+    out = degrade(gt, degradation, generator)
+    lq = out.lq
+    if lq.shape[-2:] != gt.shape[-2:]:
+        lq = F.interpolate(lq.float(), size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    return out.gt, lq.to(gt.dtype)

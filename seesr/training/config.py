@@ -8,7 +8,9 @@ as `1e-4` accepted), str, Path, `X | None`, unions, `Literal[...]`, `list[X]`, `
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
 import types
 import typing
 from pathlib import Path
@@ -150,3 +152,23 @@ def config_to_dict(cfg: Any) -> dict[str, Any]:
 def save_config(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); `load_config(type(cfg), path)` reads it back."""
     atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True))
+
+
+def parse_cli(description: str, argv: list[str] | None) -> tuple[Path | None, list[str]]:
+    """``--config``, run-level flags and ``key=value`` overrides -> (config path, overrides)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", type=Path, default=None, help="YAML config")
+    parser.add_argument("--output_dir", default=None, help="train.output_dir")
+    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder (train.resume)")
+    parser.add_argument("--seed", type=int, default=None, help="train.seed")
+    parser.add_argument("--report_to", default=None, choices=["tensorboard", "none"], help="train.report_to")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_train_steps=100")
+    parsed = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = list(parsed.overrides)
+    for name in ("output_dir", "resume", "seed", "report_to"):
+        if getattr(parsed, name) is not None:
+            overrides.append(f"train.{name}={getattr(parsed, name)}")
+    return parsed.config, overrides

@@ -1,6 +1,6 @@
 """Baseline JPEG compression as a batched torch round trip, with a per-sample quality.
 
-Used by the degradation (`seesr.degradation`) so that JPEG artefacts are synthesized on the training device
+Used by the degradation (`seesr.data.degradation`) so that JPEG artefacts are synthesized on the training device
 without leaving torch. Matches Pillow/libjpeg's output to about one 8-bit level on natural images.
 """
 

@@ -1,14 +1,13 @@
 """Make training/evaluation pairs offline: gt/, lq/ and sr_bicubic/ PNGs with the Real-ESRGAN degradation.
 
 Each input image is randomly cropped to RESOLUTION (reflect-padded if smaller), degraded with the same
-`seesr.degradation.degrade` the training step uses, and written as `gt/NAME.png` (USM-sharpened if the config
+`seesr.data.degradation.degrade` the training step uses, and written as `gt/NAME.png` (USM-sharpened if the config
 says so), `lq/NAME.png` (RESOLUTION / SCALE) and `sr_bicubic/NAME.png` (the LQ bicubic-upsampled by SCALE), as
 SeeSR's offline data workflow does. The resolved degradation config is saved as `degradation.yaml`.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-    from seesr.degradation import DegradationConfig
+    from seesr.data.degradation import DegradationConfig
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +88,8 @@ def make_pairs(
     import torch
     from tqdm.auto import tqdm
 
-    from seesr.data import random_crop
-    from seesr.degradation import DegradationConfig, degrade
+    from seesr.data.degradation import DegradationConfig, degrade
+    from seesr.data.image_folder import random_crop
     from seesr.image_io import ImageLoadError, atomic_write_text, expand_inputs, load_image
 
     config = config if config is not None else DegradationConfig()
@@ -132,38 +131,3 @@ def _write_config(output_dir: Path, config: DegradationConfig, seed: int, resolu
 
     header = f"# written by `seesr make-pairs` (seed {seed}, resolution {resolution})\n"
     write_text(output_dir / "degradation.yaml", header + yaml.safe_dump({"degradation": config.to_dict()}))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="HR image files, folders (recursive) or globs")
-    parser.add_argument("-o", "--output", required=True, help="output folder (gets gt/, lq/, sr_bicubic/)")
-    parser.add_argument("--config", help="degradation YAML (default: the Real-ESRGAN x4plus values)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crops and the degradation (default 0)")
-    parser.add_argument("--resolution", type=int, default=512, help="GT crop side in pixels (default 512)")
-    parser.add_argument("--scale", type=int, help="downscaling factor; overrides the config's `scale` (default 4)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images degraded together (default 4)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda:0 (default: cuda if present)")
-
-
-def run(args: argparse.Namespace) -> int:
-    import dataclasses
-
-    import torch
-
-    from seesr.degradation import DegradationConfig
-
-    try:
-        config = DegradationConfig.from_yaml(args.config) if args.config else DegradationConfig()
-        if args.scale is not None:
-            config = dataclasses.replace(config, scale=args.scale)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        result = make_pairs(
-            args.inputs, args.output, config, args.seed, args.resolution, device, batch_size=args.batch_size
-        )
-    except (OSError, ValueError, TypeError, RuntimeError) as exc:
-        logger.error("make-pairs: %s", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return 2
-    for error in result.errors:
-        logger.error("%s", error)
-    logger.info("wrote %d pairs to %s (%d inputs skipped)", len(result.written), args.output, len(result.errors))
-    return 1 if result.errors else 0

@@ -5,14 +5,13 @@ The ControlNet (with RCA) and the UNet modules named by ``trainable_modules`` (d
 the bicubic-upscaled degraded crop (ControlNet input, [0, 1]), the tag prompt (CLIP, dropped to ``""`` with
 probability ``null_text_ratio``) and DAPE's representation tokens of that LQ image (RCA, never dropped).
 The VAE, the text encoder, DAPE and the rest of the UNet are frozen. Every step degrades the batch on the training
-device with `seesr.degradation.degrade`. Validation images come from the real `SeeSRPipeline`; the end of training
+device with `seesr.data.degradation.degrade`. Validation images come from the real `SeeSRPipeline`; the end of training
 exports a complete pipeline folder (``output_dir/pipeline``, plus ``unet/`` and ``controlnet/``).
 See docs/training_seesr.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,11 +21,11 @@ import torch
 import torch.nn.functional as F
 
 from seesr.conditioning import encode_prompt
-from seesr.config import config_to_dict, load_config
-from seesr.degradation import DegradationConfig, degrade
+from seesr.data.degradation import DegradationConfig, degraded_condition
 from seesr.denoise import SeeSRCondition, predict_noise
-from seesr.rca import RCA_MODULE_NAME
-from seesr.training import TrainingArgs, epoch_batches, step_generator
+from seesr.models.rca import RCA_MODULE_NAME
+from seesr.training.config import config_to_dict, load_config, parse_cli
+from seesr.training.loop import TrainingArgs, epoch_batches, step_generator
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -167,7 +166,7 @@ def image_cross_attention_dim(parts: FrozenParts) -> int:
 
 def load_unet(cfg: SeeSRTrainConfig, token_dim: int):
     """The SeeSR UNet: a SeeSR ``unet_model`` folder, or ``pretrained_model``'s SD UNet with new RCA modules."""
-    from seesr.unet import SeeSRUNet2DConditionModel
+    from seesr.models.unet import SeeSRUNet2DConditionModel
 
     if cfg.unet_model is not None:
         unet = SeeSRUNet2DConditionModel.from_pretrained(cfg.unet_model)
@@ -185,7 +184,7 @@ def load_unet(cfg: SeeSRTrainConfig, token_dim: int):
 
 def load_controlnet(cfg: SeeSRTrainConfig, unet):
     """A SeeSR ControlNet folder (``controlnet_model``) or a copy of the UNet's encoder (RCA included)."""
-    from seesr.controlnet import SeeSRControlNetModel
+    from seesr.models.controlnet import SeeSRControlNetModel
 
     if cfg.controlnet_model is not None:
         return SeeSRControlNetModel.from_pretrained(cfg.controlnet_model)
@@ -222,18 +221,6 @@ def full_precision_names(unet, cfg: SeeSRTrainConfig) -> set[str]:
 
 
 # ---------------------------------------------------------------------------------------------------- step
-
-
-def degraded_condition(
-    gt: torch.Tensor, degradation: DegradationConfig, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(target, condition) for HR crops in [0, 1]: the (USM-sharpened) GT, and the degraded LQ bicubic-upscaled
-    back to the GT size in [0, 1] (the original's ``sr_bicubic``). Runs on ``gt``'s device."""
-    out = degrade(gt, degradation, generator)
-    lq = out.lq
-    if lq.shape[-2:] != gt.shape[-2:]:
-        lq = F.interpolate(lq.float(), size=gt.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
-    return out.gt, lq.to(gt.dtype)
 
 
 @torch.no_grad()
@@ -299,26 +286,6 @@ def training_loss(
 # ---------------------------------------------------------------------------------------------------- loop helpers
 
 
-def parse_cli(description: str, argv: list[str] | None) -> tuple[Path | None, list[str]]:
-    """``--config``, run-level flags and ``key=value`` overrides -> (config path, overrides)."""
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", type=Path, default=None, help="YAML config")
-    parser.add_argument("--output_dir", default=None, help="train.output_dir")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder (train.resume)")
-    parser.add_argument("--seed", type=int, default=None, help="train.seed")
-    parser.add_argument("--report_to", default=None, choices=["tensorboard", "none"], help="train.report_to")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_train_steps=100")
-    parsed = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "accelerate", "httpx", "peft"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = list(parsed.overrides)
-    for name in ("output_dir", "resume", "seed", "report_to"):
-        if getattr(parsed, name) is not None:
-            overrides.append(f"train.{name}={getattr(parsed, name)}")
-    return parsed.config, overrides
-
-
 # ---------------------------------------------------------------------------------------------------- validation
 
 
@@ -345,7 +312,7 @@ def log_validation(accelerator: Accelerator, cfg: SeeSRTrainConfig, parts: Froze
     import numpy as np
 
     from seesr.image_io import load_image
-    from seesr.training import unwrap
+    from seesr.training.loop import unwrap
 
     unet, controlnet = (unwrap(accelerator, m) for m in models)
     was_training = controlnet.training
@@ -423,7 +390,7 @@ class TrainingSetup:
 def setup_training(cfg: SeeSRTrainConfig, device: torch.device | str, weight_dtype: torch.dtype) -> TrainingSetup:
     """Load every model, freeze what is frozen, place it on ``device``: frozen weights in ``weight_dtype``,
     trainable weights (and the UNet's RCA) in float32."""
-    from seesr.training import cast_training_params
+    from seesr.training.loop import cast_training_params
 
     parts = load_frozen_parts(cfg)
     unet = load_unet(cfg, image_cross_attention_dim(parts))
@@ -452,8 +419,8 @@ def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from seesr.data import ImageFolderDataset, collate
-    from seesr.training import (
+    from seesr.data.image_folder import ImageFolderDataset, collate
+    from seesr.training.loop import (
         apply_gradients,
         count_parameters,
         finish_step,
