@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "tag": "dape.command",
     "make-pairs": "seesr.cli.make_pairs",
     "evaluate": "seesr.cli.evaluate",
+    "demo": "seesr.cli.demo",
 }
 
 
