@@ -41,6 +41,25 @@ def example_rows(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
     return rows
 
 
+class ImageInput(gr.Image):
+    """`gr.Image` (upload, paste) passing the uploaded file's path through even when Pillow cannot open it.
+
+    gr.Image opens the file while pre-processing and fails with a bare "Error" on a non-image; here the path
+    reaches the callback, whose loader names the file and the problem in the page.
+    """
+
+    def get_block_name(self) -> str:
+        return "image"  # the stock front-end component
+
+    def preprocess(self, payload):
+        try:
+            return super().preprocess(payload)
+        except Exception:  # Pillow raises many kinds on bad data; the callback reports it
+            if payload is None or payload.path is None:
+                raise
+            return str(payload.path)
+
+
 class DemoApp:
     """The page's callbacks, over a list of models; `build()` returns the gradio Blocks."""
 
@@ -194,7 +213,7 @@ class DemoApp:
             with gr.Row():
                 with gr.Column(scale=2):
                     model = gr.Dropdown(list(self.models), value=first.label, label="Model", elem_id="model")
-                    image = gr.Image(
+                    image = ImageInput(
                         label="Input image",
                         type="filepath",
                         image_mode=None,
@@ -268,6 +287,9 @@ class DemoApp:
                 controls[name] = gr.Dropdown(["adain", "wavelet", "none"], value="adain", label="Colour fix", **kwargs)
             elif name == "sampler":
                 controls[name] = gr.Dropdown(["ddpm"], value="ddpm", label="Sampler", **kwargs)
+            elif name == "process_size":
+                info = "inputs with a side under this / the factor are enlarged first (SeeSR's small-input rule)"
+                controls[name] = gr.Number(512, label="Process size", precision=0, minimum=8, info=info, **kwargs)
             elif name == "tiling":
                 controls[name] = gr.Checkbox(True, label="Tiling (large images in overlapping tiles)", **kwargs)
             elif name == "tile_size":

@@ -22,7 +22,7 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 #: Every setting the page knows, in page order. A model shows the subset its pipeline accepts.
-SETTING_NAMES = ("upscale", "steps", "guidance", "seed", "color_fix", "sampler", "tiling", "tile_size")
+SETTING_NAMES = ("upscale", "steps", "guidance", "seed", "color_fix", "sampler", "process_size", "tiling", "tile_size")
 
 #: Samplers offered for pipelines with a `start_timestep` argument (SeeSR); names as in `seesr upscale`.
 SAMPLERS = {
@@ -186,6 +186,10 @@ class DemoModel:
             found["color_fix"] = Setting("color_fix", "Colour fix", "dropdown", default, ["adain", "wavelet", "none"])
         if "start_timestep" in params and "num_inference_steps" in params:
             found["sampler"] = Setting("sampler", "Sampler", "dropdown", "ddpm", list(SAMPLERS))
+        if "process_size" in params:
+            size = self._default("process_size", 512)
+            info = "inputs with a side under process size / factor are enlarged first (SeeSR's rule)"
+            found["process_size"] = Setting("process_size", "Process size", "number", size, None, 8, 4096, 8, info)
         tile = self._tile_parameter()
         if tile is not None:
             unit = "latent px" if tile == "latent_tile_size" else "input px"
@@ -319,6 +323,8 @@ class DemoModel:
             kwargs["guidance_scale"] = float(values["guidance"])
         if "seed" in values:
             kwargs["generator"] = torch.Generator(device="cpu").manual_seed(int(values["seed"]))
+        if "process_size" in values:
+            kwargs["process_size"] = int(values["process_size"])
         if "color_fix" in values:
             kwargs["color_fix"] = None if values["color_fix"] == "none" else values["color_fix"]
         tile = self._tile_parameter()
@@ -328,6 +334,9 @@ class DemoModel:
                 kwargs[tile] = size if values["tiling"] else None
             else:  # TGSR-style: tiles in input pixels, one tile covering everything turns tiling off
                 kwargs[tile] = size if values["tiling"] else 1 << 30
+            overlap = tile.replace("size", "overlap")
+            if overlap in self.parameters:  # the default overlap, but at most a quarter of a (small) tile
+                kwargs[overlap] = min(int(self._default(overlap, 0)), size // 4)
         return kwargs
 
 
