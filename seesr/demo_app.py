@@ -41,23 +41,25 @@ def example_rows(folder: Path = EXAMPLES_DIR) -> list[list[str]]:
     return rows
 
 
-class ImageInput(gr.Image):
-    """`gr.Image` (upload, paste) passing the uploaded file's path through even when Pillow cannot open it.
+def pass_undecodable_files(image: gr.Image) -> gr.Image:
+    """Make `image` (type filepath) hand the uploaded file's path on even when Pillow cannot open it.
 
-    gr.Image opens the file while pre-processing and fails with a bare "Error" on a non-image; here the path
-    reaches the callback, whose loader names the file and the problem in the page.
+    gr.Image opens the file while pre-processing and fails with a bare "Error" on a non-image; with this the path
+    reaches the callback, whose loader names the file and the problem in the page. (An instance attribute, not a
+    subclass: gradio writes a .pyi stub next to the module of every Component subclass.)
     """
+    stock = image.preprocess
 
-    def get_block_name(self) -> str:
-        return "image"  # the stock front-end component
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return stock(payload)
         except Exception:  # Pillow raises many kinds on bad data; the callback reports it
             if payload is None or payload.path is None:
                 raise
             return str(payload.path)
+
+    image.preprocess = preprocess
+    return image
 
 
 class DemoApp:
@@ -213,7 +215,7 @@ class DemoApp:
             with gr.Row():
                 with gr.Column(scale=2):
                     model = gr.Dropdown(list(self.models), value=first.label, label="Model", elem_id="model")
-                    image = ImageInput(
+                    image = gr.Image(
                         label="Input image",
                         type="filepath",
                         image_mode=None,
@@ -221,6 +223,7 @@ class DemoApp:
                         elem_id="input-image",
                         height=260,
                     )
+                    pass_undecodable_files(image)
                     tags = gr.Textbox(label="DAPE tags (editable)", elem_id="tags", visible=first.has_tags)
                     tag_button = gr.Button("Get tags", size="sm", visible=first.has_tags)
                     prompt = gr.Textbox(
@@ -243,9 +246,16 @@ class DemoApp:
                         buttons=["download", "fullscreen"],
                     )  # fmt: skip
                     download = gr.DownloadButton("Download PNG", elem_id="download")
-                    gallery = gr.Gallery(
-                        label="This session's results", columns=4, height=260, elem_id="gallery", format="png"
-                    )
+            gallery = gr.Gallery(
+                label="This session's results (click one to compare it again)",
+                columns=6,
+                height=260,
+                allow_preview=False,  # a click shows the result in the slider instead
+                fit_columns=False,
+                object_fit="contain",
+                elem_id="gallery",
+                format="png",
+            )
             setting_controls = [controls[name] for name in SETTING_NAMES]
             model_outputs = [*setting_controls, preset, tags, tag_button, prompt]
             model.change(self.control_updates, model, model_outputs)

@@ -87,7 +87,11 @@ class RunResult:
     settings: dict[str, Any] = field(default_factory=dict)
 
     def caption(self) -> str:
-        parts = [f"{key} {value}" for key, value in self.settings.items()]
+        shown = {True: "on", False: "off"}
+        parts = [
+            f"{key} {shown.get(value, value) if isinstance(value, bool) else value}"
+            for key, value in self.settings.items()
+        ]
         return f"{self.image.width}x{self.image.height}, " + ", ".join(parts)
 
 
