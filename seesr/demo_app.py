@@ -144,7 +144,7 @@ class DemoApp:
         try:
             model = self.model(label)
             image = self.read_image(path)
-            settings = dict(zip(SETTING_NAMES, values, strict=True))
+            settings = model.check_values(dict(zip(SETTING_NAMES, values, strict=True)))
             self.check_output_size(model, image, settings)
 
             def report(done: int, total: int) -> None:
@@ -168,7 +168,7 @@ class DemoApp:
 
     def check_output_size(self, model: DemoModel, image: Image.Image, settings: dict) -> None:
         """Refuse a run whose output would exceed the pixel limit times the upscale factor squared."""
-        scale = float(settings.get("upscale") or 1) if "upscale" in model.settings() else 1.0
+        scale = float(settings.get("upscale", 1))
         pixels = image.width * image.height * scale * scale
         if pixels > self.max_pixels * 16:
             raise DemoError(
@@ -258,12 +258,14 @@ class DemoApp:
             )
             setting_controls = [controls[name] for name in SETTING_NAMES]
             model_outputs = [*setting_controls, preset, tags, tag_button, prompt]
-            model.change(self.control_updates, model, model_outputs)
+            tagging = (self.on_tags, [model, image], [tags, tags_for, status])
+            tag_event = {"concurrency_limit": 1, "concurrency_id": QUEUE}
+            # a new model or a new image (upload, paste, example): DAPE's tags, shown before the run
+            model.change(self.control_updates, model, model_outputs).then(*tagging, **tag_event)
             app.load(self.control_updates, model, model_outputs)
             preset.change(self.on_preset, [model, preset], setting_controls)
-            tag_event = {"concurrency_limit": 1, "concurrency_id": QUEUE}
-            image.upload(self.on_tags, [model, image], [tags, tags_for, status], **tag_event)
-            tag_button.click(self.on_tags, [model, image], [tags, tags_for, status], **tag_event)
+            image.change(*tagging, **tag_event)
+            tag_button.click(*tagging, **tag_event)
             run.click(
                 self.on_run,
                 [model, image, tags, tags_for, prompt, history, *setting_controls],

@@ -174,7 +174,7 @@ class DemoModel:
                 default = default if default in self.upscale_factors else self.upscale_factors[0]
                 found["upscale"] = Setting("upscale", "Upscale factor", "dropdown", default, self.upscale_factors)
             else:  # any factor >= 1: common ones offered, others typed in
-                found["upscale"] = Setting("upscale", "Upscale factor", "dropdown", default, [2, 3, 4, 6, 8])
+                found["upscale"] = Setting("upscale", "Upscale factor", "dropdown", default, [2, 3, 4, 6, 8], 1)
         if "num_inference_steps" in params:
             steps = self._default("num_inference_steps", 50)
             found["steps"] = Setting("steps", "Steps", "slider", steps, None, 1, 100, 1)
@@ -285,8 +285,7 @@ class DemoModel:
         """
         import torch
 
-        settings = self.settings()
-        values = {name: values.get(name, setting.default) for name, setting in settings.items()}
+        values = self.check_values(values)
         with self._lock:
             pipe = self.load()
             kwargs = self._call_kwargs(values)
@@ -313,6 +312,25 @@ class DemoModel:
                     call_pipe.scheduler = scheduler
         prompts = getattr(out, "prompts", None)
         return RunResult(out.images[0], image, prompts[0] if prompts else used_prompt, values)
+
+    def check_values(self, values: dict[str, Any]) -> dict[str, Any]:
+        """`values` for every setting (defaults filled in), numbers checked; DemoError names a bad one."""
+        checked = {}
+        for name, setting in self.settings().items():
+            value = values.get(name, setting.default)
+            if setting.kind in ("slider", "number") or name == "upscale":
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise DemoError(f"{setting.label}: expected a number, got {value!r}") from None
+                value = int(value) if value.is_integer() else value
+                if setting.minimum is not None and value < setting.minimum:
+                    raise DemoError(f"{setting.label}: expected at least {setting.minimum:g}, got {value:g}")
+                if name == "upscale" and self.upscale_factors and value not in self.upscale_factors:
+                    factors = ", ".join(map(str, self.upscale_factors))
+                    raise DemoError(f"{setting.label}: this model supports {factors}, got {value:g}")
+            checked[name] = value
+        return checked
 
     def _call_kwargs(self, values: dict[str, Any]) -> dict[str, Any]:
         import torch

@@ -111,6 +111,22 @@ def test_seesr_run_with_dape_tags_unchanged_equals_the_pipeline(seesr_dir):
 
 
 @pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"upscale": 3}, "Upscale factor: this model supports 2, 4, 8, got 3"),
+        ({"upscale": "x4"}, "Upscale factor: expected a number, got 'x4'"),
+        ({"tile_size": None}, r"Tile size \(input px\): expected a number, got None"),
+        ({"tile_size": 4}, r"Tile size \(input px\): expected at least 16, got 4"),
+    ],
+)
+def test_bad_settings_give_one_line_errors_before_running(tgsr_dir, values, match):
+    model = DemoModel(tgsr_dir)
+    with pytest.raises(DemoError, match=match):
+        model.run(photo(8, 8), values)
+    assert model._pipe is None  # refused before loading anything
+
+
+@pytest.mark.parametrize(
     "setup, match",
     [
         (lambda d: None, "no model_index.json"),
