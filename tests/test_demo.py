@@ -153,3 +153,34 @@ def test_the_command_rejects_a_bad_model_folder(tmp_path, caplog):
     pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
     assert main(["demo", "--model", str(tmp_path)]) == 1
     assert "no model_index.json" in caplog.text
+
+
+def test_runs_of_one_model_never_overlap(tgsr_dir):
+    """Two threads (two browser tabs) running one model: the second run starts after the first ends."""
+    import threading
+
+    model, events = DemoModel(tgsr_dir), []
+
+    def work(name: str) -> None:
+        values = {"upscale": 2, "tiling": True, "tile_size": 16}
+        model.run(photo(40, 24), values, "a cat", progress=lambda done, total: events.append(name))
+
+    threads = [threading.Thread(target=work, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(events) == 12 and events in (["a"] * 6 + ["b"] * 6, ["b"] * 6 + ["a"] * 6)
+
+
+def test_page_queues_model_work_in_one_slot_and_binds_localhost(tgsr_dir):
+    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    from seesr.cli import build_parser
+    from seesr.demo_app import DemoApp
+
+    args = build_parser().parse_args(["demo"])
+    assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)
+    app = DemoApp([DemoModel(tgsr_dir)], max_pixels=1000).build()
+    model_work = [fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") in ("on_run", "on_tags")]
+    assert len(model_work) == 4  # run, image change, model change (then), tag button
+    assert {(fn.concurrency_limit, fn.concurrency_id) for fn in model_work} == {(1, "model")}
