@@ -12,7 +12,7 @@ from demo_tiny import photo, save_tiny_seesr, save_tiny_tgsr
 
 from pipelines import SeeSRPipeline, TGSRPipeline
 from seesr.cli import main
-from seesr.demo_models import DemoError, DemoModel
+from seesr.demo.runner import DemoError, DemoModel
 
 QUICK = {"Quick": {"steps": 2, "process_size": 32, "guidance": 3.0}}
 
@@ -176,7 +176,7 @@ def test_runs_of_one_model_never_overlap(tgsr_dir):
 def test_page_queues_model_work_in_one_slot_and_binds_localhost(tgsr_dir):
     pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
     from seesr.cli import build_parser
-    from seesr.demo_app import DemoApp
+    from seesr.demo.page import DemoApp
 
     args = build_parser().parse_args(["demo"])
     assert (args.host, args.port, args.share) == ("127.0.0.1", 7860, False)

@@ -44,8 +44,8 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    from seesr.demo_app import DemoApp, launch
-    from seesr.demo_models import DemoModel
+    from seesr.demo.page import DemoApp, launch
+    from seesr.demo.runner import DemoModel
 
     root = tmp_path_factory.mktemp("demo-browser")
     tgsr = DemoModel(save_tiny_tgsr(root / "tgsr"), label="tiny TGSR")

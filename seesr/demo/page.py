@@ -1,4 +1,4 @@
-"""The page of `seesr demo`: a gradio Blocks app over `seesr.demo_models.DemoModel`s (needs the demo extra).
+"""The page of `seesr demo`: a gradio Blocks app over `seesr.demo.runner.DemoModel`s (needs the demo extra).
 
 Left: model, image (upload, paste or an example), DAPE tags (SeeSR), text, preset and settings (only those the
 chosen model takes), Run. Right: a before/after slider at full resolution (wheel to zoom, drag to pan, full
@@ -21,12 +21,12 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from
 import gradio as gr  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from seesr.demo_models import SETTING_NAMES, DemoError, DemoModel  # noqa: E402
+from seesr.demo.runner import SETTING_NAMES, DemoError, DemoModel  # noqa: E402
 from seesr.image_io import ImageLoadError, load_image  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 QUEUE = "model"  # the concurrency group of everything that runs a model: one at a time
 

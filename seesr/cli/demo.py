@@ -61,13 +61,13 @@ def build(args: argparse.Namespace):
     """(DemoApp, gradio Blocks) for the parsed arguments; raises DemoError for a bad --model."""
     import torch
 
-    from seesr.demo_app import DemoApp
-    from seesr.demo_models import DemoModel
+    from seesr.demo.page import DemoApp
+    from seesr.demo.runner import DemoModel
 
     if args.model:
         models = [DemoModel(folder) for folder in args.model]
     else:
-        from seesr.tgsr import default_model_path
+        from seesr.models.tgsr import default_model_path
 
         models = [DemoModel(default_model_path(), label="TGSR default (embedded, offline)")]
     labels: dict[str, int] = {}
@@ -85,8 +85,8 @@ def run(args: argparse.Namespace) -> int:
     if importlib.util.find_spec("gradio") is None:
         logger.error("%s", INSTALL_HINT)
         return 2
-    from seesr.demo_app import launch
-    from seesr.demo_models import DemoError
+    from seesr.demo.page import launch
+    from seesr.demo.runner import DemoError
 
     try:
         demo, app = build(args)
