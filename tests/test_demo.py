@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from demo_tiny import photo, save_tiny_seesr, save_tiny_tgsr
+from PIL import Image
 
 from pipelines import SeeSRPipeline, TGSRPipeline
 from seesr.cli import main
@@ -184,3 +185,27 @@ def test_page_queues_model_work_in_one_slot_and_binds_localhost(tgsr_dir):
     model_work = [fn for fn in app.fns.values() if getattr(fn.fn, "__name__", "") in ("on_run", "on_tags")]
     assert len(model_work) == 4  # run, image change, model change (then), tag button
     assert {(fn.concurrency_limit, fn.concurrency_id) for fn in model_work} == {(1, "model")}
+
+
+def test_a_failed_run_gives_a_message_and_the_next_run_works(tgsr_dir, tmp_path, monkeypatch):
+    pytest.importorskip("gradio", reason="the demo extra (gradio) is not installed")
+    from seesr.demo.page import DemoApp
+    from seesr.demo.runner import SETTING_NAMES
+
+    model = DemoModel(tgsr_dir)
+    app = DemoApp([model], max_pixels=1000, output_dir=tmp_path / "out")
+    photo(20, 12).save(tmp_path / "in.png")
+    values = [{"upscale": 2, "tiling": True, "tile_size": 256}.get(name) for name in SETTING_NAMES]
+    args = (model.label, str(tmp_path / "in.png"), "", None, "a cat", [], *values)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore details")
+
+    with monkeypatch.context() as patch, pytest.warns(UserWarning, match="CUDA out of memory"):  # the page's toast
+        patch.setattr(model, "run", out_of_memory)
+        outputs = app.on_run(*args, progress=lambda *a, **k: None)
+    assert outputs[-1] == "**Error:** The run failed: CUDA out of memory. Tried to allocate 20.00 GiB"
+    assert not list((tmp_path / "out").iterdir())  # nothing written
+    slider, download, gallery, history, status = app.on_run(*args, progress=lambda *a, **k: None)
+    assert status.startswith("Done: 40x24 from 20x12") and len(history) == 1
+    assert Image.open(download).size == (40, 24) and Image.open(slider[0]).size == (40, 24)
