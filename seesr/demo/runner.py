@@ -305,7 +305,7 @@ class DemoModel:
                     kwargs["start_timestep"] = None  # noise the LR latent to the sampler's own first step
             call_pipe.progress_bar = _progress_factory(progress)
             try:
-                out = call_pipe(image, output_type="pil", **kwargs)
+                out = call_pipe(image=image, output_type="pil", **kwargs)  # by name: diffusers orders differ
             finally:
                 call_pipe.__dict__.pop("progress_bar", None)
                 if scheduler is not None:
