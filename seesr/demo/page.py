@@ -205,7 +205,7 @@ class DemoApp:
 
     def build(self) -> gr.Blocks:
         first = next(iter(self.models.values()))
-        with gr.Blocks(title="seesr demo") as app:
+        with gr.Blocks(title="seesr demo", analytics_enabled=False) as app:
             gr.Markdown(
                 "## seesr: semantics-aware super-resolution\nUpload or paste a photo, pick a model and "
                 "settings, Run, then drag the slider to compare (wheel: zoom, drag: pan)."
