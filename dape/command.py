@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from seesr.cli.options import add_dtype, add_model, add_output, add_overwrite, torch_dtype
+from seesr.cli_options import add_dtype, add_model, add_output, add_overwrite, torch_dtype
 
 logger = logging.getLogger(__name__)
 

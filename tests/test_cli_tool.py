@@ -18,7 +18,7 @@ from tiny import lq_image, tiny_pipeline
 
 from seesr.cli import build_parser, main
 from seesr.cli import upscale as upscale_module
-from seesr.cli.options import HIDDEN_ALIASES
+from seesr.cli_options import HIDDEN_ALIASES
 from seesr.image_io import claim_path, expand_inputs, load_image
 from seesr.image_save import write_png16
 

@@ -34,7 +34,7 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from seesr.cli.options import HelpFormatter
+    from seesr.cli_options import HelpFormatter
 
     parser = argparse.ArgumentParser(prog="seesr", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")

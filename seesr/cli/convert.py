@@ -14,9 +14,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from seesr.cli.options import TORCH_DTYPES as DTYPES
-from seesr.cli.options import add_dtype, add_output, add_overwrite
-from seesr.cli.options import dtype as dtype_name
+from seesr.cli_options import TORCH_DTYPES as DTYPES
+from seesr.cli_options import add_dtype, add_output, add_overwrite
+from seesr.cli_options import dtype as dtype_name
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from seesr.cli.options import add_output, add_overwrite
+from seesr.cli_options import add_output, add_overwrite
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from seesr.cli.options import add_device, add_output, add_overwrite
+from seesr.cli_options import add_device, add_output, add_overwrite
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ import json
 import logging
 from pathlib import Path
 
-from seesr.cli.options import (
+from seesr.cli_options import (
     add_device,
     add_dtype,
     add_model,

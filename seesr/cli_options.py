@@ -2,7 +2,8 @@
 
 Commands build their parsers from these helpers so that `-o/--output`, `--model`, `--dtype`, `--device` and
 `--overwrite` mean the same everywhere. Old spellings stay accepted as hidden aliases (`HIDDEN_ALIASES`: parsed,
-not shown in `--help`). Standard library only (the `seesr --help` start-up stays fast).
+not shown in `--help`). Standard library only (the `seesr --help` start-up stays fast). It lives beside `seesr.cli`
+rather than in it because `dape.command` (`seesr tag`) uses it too and dape does not import `seesr.cli`.
 """
 
 from __future__ import annotations
