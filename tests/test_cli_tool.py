@@ -23,6 +23,22 @@ from seesr.image_io import claim_path, expand_inputs, load_image
 from seesr.image_save import write_png16
 
 
+@pytest.fixture(autouse=True)
+def _reuse_loaded_pipelines(monkeypatch):
+    """Each `main()` loads its model afresh; here a model folder is loaded once per test module (speed only)."""
+    load = upscale_module.load_pipeline
+
+    def cached(*args):
+        if args not in _LOADED:
+            _LOADED[args] = load(*args)
+        return _LOADED[args]
+
+    monkeypatch.setattr(upscale_module, "load_pipeline", cached)
+
+
+_LOADED: dict = {}
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model") / "seesr"
@@ -311,8 +327,6 @@ def test_outputs_keep_depth_grey_alpha_icc_and_exif(tmp_path, caplog):
     lq_image(12, 8).convert("L").save(inputs / "grey.png")
     frames = [lq_image(8, 8, seed=i).convert("P") for i in range(3)]
     frames[0].save(inputs / "anim.gif", save_all=True, append_images=frames[1:])
-    for suffix in ("webp", "tif", "bmp"):
-        lq_image(8, 8).save(inputs / f"x_{suffix}.{suffix}")
     out = tmp_path / "out"
     with caplog.at_level(logging.INFO):
         assert main(["upscale", str(inputs), "-o", str(out), "--upscale", "2"]) == 0
@@ -325,8 +339,6 @@ def test_outputs_keep_depth_grey_alpha_icc_and_exif(tmp_path, caplog):
     assert Image.open(out / "grey.png").mode == "L"
     assert Image.open(out / "anim.png").size == (16, 16)
     assert any("anim.gif" in r.getMessage() and "first frame" in r.getMessage() for r in caplog.records)
-    for suffix in ("webp", "tif", "bmp"):
-        assert Image.open(out / f"x_{suffix}.png").size == (16, 16)
     assert main(["upscale", str(inputs / "grey.png"), "-o", str(out), "--upscale", "2", "--no-keep-grey",
                  "--overwrite"]) == 0  # fmt: skip
     assert Image.open(out / "grey.png").mode == "RGB"
@@ -347,6 +359,10 @@ def test_alpha_kept_or_flattened_with_a_warning(tmp_path, caplog):
 
 
 def test_loaded_image_records_what_the_file_had(tmp_path):
+    for suffix in ("webp", "tif", "bmp", "gif"):
+        lq_image(8, 6).save(tmp_path / f"x.{suffix}")
+        assert load_image(tmp_path / f"x.{suffix}").rgb.size == (8, 6)
+        assert expand_inputs([str(tmp_path / f"*.{suffix}")])[0] == [tmp_path / f"x.{suffix}"]
     write_png16(np.full((4, 5, 3), 1000, np.uint16), tmp_path / "deep.png")
     Image.fromarray(np.full((4, 5), 1000, np.uint16)).save(tmp_path / "grey16.png")
     assert load_image(tmp_path / "deep.png").bit_depth == 16 and not load_image(tmp_path / "deep.png").grey

@@ -302,6 +302,8 @@ def guard_finite(pipe) -> None:
     """Make `pipe` raise NonFiniteOutputError before post-processing NaN/inf pixels (which would save as black)."""
     import torch
 
+    if getattr(pipe, "_finite_guard", False):
+        return
     postprocess = pipe.postprocess
 
     def checked(images, *args, **kwargs):
@@ -311,6 +313,7 @@ def guard_finite(pipe) -> None:
         return postprocess(images, *args, **kwargs)
 
     pipe.postprocess = checked
+    pipe._finite_guard = True
 
 
 def prompt_for(path: Path, args: argparse.Namespace) -> str:
