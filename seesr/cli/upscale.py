@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--keep-grey",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="greyscale inputs give greyscale outputs",
+        help="greyscale inputs give greyscale outputs (default: on)",
     )
     io.add_argument(
         "--max-pixels",
@@ -90,7 +90,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     model = parser.add_argument_group("model")
     add_model(model, "pipeline folder or hub id (SeeSR or TGSR) (default: the embedded TGSR model)")
-    model.add_argument("--prompt", default="", help="user prompt (SeeSR: after the DAPE tags; TGSR: the text guide)")
+    model.add_argument(
+        "--prompt", default="", help="user prompt (SeeSR: after the DAPE tags; TGSR: the text guide) (default: empty)"
+    )
     model.add_argument("--negative-prompt", help="SeeSR negative prompt (default: the original's)")
     model.add_argument("--added-prompt", help="SeeSR text appended to every prompt (default: the original's)")
 
