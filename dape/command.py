@@ -1,8 +1,9 @@
 """Tag images with DAPE (the hard prompt), e.g. to prepare SeeSR training captions.
 
-Without --out-dir, prints one `path<TAB>tags` line per image to stdout. With --out-dir, writes `<name>.txt` per
-image (the tag string and a newline; written atomically). Unreadable inputs are reported on stderr, one line each,
-the others are still tagged, and the exit status is 1.
+Without -o, prints one `path<TAB>tags` line per image to stdout. With -o FOLDER, writes `<name>.txt` per image
+(the tag string and a newline; written atomically; existing files are kept unless --overwrite). --model takes a
+DAPE folder or a SeeSR pipeline folder (its prompt_extractor/). Unreadable inputs are reported on stderr, one line
+each, the others are still tagged, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -12,17 +13,18 @@ import logging
 import sys
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from seesr.cli_options import add_dtype, add_model, add_output, add_overwrite, torch_dtype
 
-DTYPES = ("float32", "float16", "bfloat16")
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders (recursive) or glob patterns")
-    parser.add_argument("--model", required=True, type=Path, help="DAPE model folder (DAPEModel.save_pretrained)")
-    parser.add_argument("--out-dir", type=Path, default=None, help="write <name>.txt files here instead of printing")
+    add_model(parser, "DAPE folder, or a SeeSR pipeline folder (its prompt_extractor/)", required=True, type=Path)
+    add_output(parser, "write <name>.txt here (default: print to stdout)", required=False, aliases=("--out-dir",))
+    add_overwrite(parser, "replace existing <name>.txt files (default: skip those inputs)")
     parser.add_argument("--device", default="auto", help="torch device; 'auto' = cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision (SeeSR runs DAPE in fp32)")
+    add_dtype(parser, help="model precision (SeeSR runs DAPE in fp32)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument(
         "--antialias", action="store_true", help="antialiased resize to 384 (SeeSR's pinned torchvision did not)"
@@ -33,8 +35,11 @@ def _report(message: str) -> None:
     sys.stderr.write(message.rstrip("\n") + "\n")
 
 
-def _plan_outputs(files: list[Path], out_dir: Path | None) -> tuple[list[tuple[Path, Path | None]], list[str]]:
-    """(input, output .txt or None) pairs; a second input with the same file stem is an error."""
+def _plan_outputs(
+    files: list[Path], out_dir: Path | None, overwrite: bool = True
+) -> tuple[list[tuple[Path, Path | None]], list[str]]:
+    """(input, output .txt or None) pairs; a second input with the same file stem is an error; existing outputs
+    are skipped (logged) unless ``overwrite``."""
     if out_dir is None:
         return [(path, None) for path in files], []
     plan, errors, owners = [], [], {}
@@ -44,6 +49,9 @@ def _plan_outputs(files: list[Path], out_dir: Path | None) -> tuple[list[tuple[P
             errors.append(f"{path}: same output name {target.name} as {owners[target]}; skipped")
             continue
         owners[target] = path
+        if target.exists() and not overwrite:
+            logger.info("%s: %s exists, skipped (pass --overwrite to replace it)", path, target)
+            continue
         plan.append((path, target))
     return plan, errors
 
@@ -54,7 +62,12 @@ def _load_model(args: argparse.Namespace):
     from dape.model import DAPEModel
 
     if not args.model.is_dir():
-        raise FileNotFoundError(f"--model {args.model}: not a folder (expected a DAPEModel.save_pretrained folder)")
+        raise FileNotFoundError(f"--model {args.model}: not a folder (expected a DAPE or SeeSR pipeline folder)")
+    folder = args.model
+    if (folder / "model_index.json").is_file():  # a pipeline folder: its prompt extractor
+        folder = folder / "prompt_extractor"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"--model {args.model}: a pipeline folder without a prompt_extractor/ (DAPE)")
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -64,7 +77,7 @@ def _load_model(args: argparse.Namespace):
             raise ValueError(f"--device {args.device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available")
-    model = DAPEModel.from_pretrained(args.model, local_files_only=True, torch_dtype=getattr(torch, args.dtype))
+    model = DAPEModel.from_pretrained(folder, local_files_only=True, torch_dtype=torch_dtype(args.dtype))
     return model.to(device).eval()
 
 
@@ -93,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
         _report(f"--batch-size must be >= 1, got {args.batch_size}")
         return 2
     files, errors = expand_inputs(args.inputs)
-    plan, plan_errors = _plan_outputs(files, args.out_dir)
+    plan, plan_errors = _plan_outputs(files, args.output, args.overwrite)
     errors += plan_errors
     for line in errors:
         _report(line)
     if not plan:
+        if files and not errors:
+            logger.info("nothing to do: every output exists (pass --overwrite to replace them)")
+            return 0
         _report("no images to tag")
         return 1
     try:

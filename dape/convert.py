@@ -452,6 +452,18 @@ def load_converted(
     return model.eval()
 
 
+def _check_swin_width(state_dict: Mapping[str, torch.Tensor], model: DAPEModel, ram_path: str | Path) -> None:
+    """Refuse a RAM checkpoint of another Swin (e.g. Swin-B) up front, naming the architecture expected."""
+    patch = state_dict.get("visual_encoder.patch_embed.proj.weight")
+    expected = model.config.embed_dim
+    if patch is not None and patch.shape[0] != expected:
+        released = " (the released Swin-L RAM, ram_swin_large_14m.pth)" if expected == 192 else ""
+        raise CheckpointConversionError(
+            f"{ram_path}: a Swin image encoder with embed_dim {patch.shape[0]}, expected embed_dim {expected}"
+            f"{released}; for another RAM variant pass its `architecture` config"
+        )
+
+
 def convert_ram_checkpoint(
     ram_path: str | Path,
     dape_path: str | Path | None,
@@ -487,6 +499,7 @@ def convert_ram_checkpoint(
             f"the checkpoint has {label_embed.shape[0]} classes but {tag_list_path} has {len(tag_names)} tags"
         )
     model = DAPEModel(**config)
+    _check_swin_width(ram_state_dict, model, ram_path)
     weights, lora = convert_state_dict(ram_state_dict, dape_state_dict, model)
     return load_converted(model, weights, lora, merge_lora=merge_lora, dtype=dtype)
 

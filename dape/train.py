@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from seesr.data.degradation import DegradationConfig, degraded_condition
 from seesr.training.config import config_to_dict, load_config, parse_cli
-from seesr.training.loop import TrainingArgs
+from seesr.training.loop import TrainingArgs, loader_workers
 
 from .lora import LORA_ALPHA, LORA_RANK, lora_state_dict
 
@@ -191,7 +191,9 @@ def export_dape(cfg: DAPETrainConfig, student: torch.nn.Module) -> Path:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not set(missing) & set(state), (missing, unexpected)
     model.merge_lora()
-    model.save_pretrained(export_dir)
+    from seesr.staging import write_folder  # staged and swapped in whole, as `seesr convert` does
+
+    write_folder(export_dir, model.save_pretrained)
     logger.info("exported the merged DAPE model to %s", export_dir)
     return export_dir
 
@@ -235,7 +237,7 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
         shuffle=True,
         collate_fn=collate,
         drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
+        num_workers=loader_workers(args),
     )
     # 2. optimizer and schedule over the LoRA parameters
     params = trainable_parameters(student)

@@ -16,6 +16,21 @@ from seesr.compat import import_saved_folder_paths
 
 # Folders saved before the reorganisation by role name `seesr.unet` / `seesr.controlnet` / `seesr.tgsr`.
 import_saved_folder_paths()
+INSTALL_HINT = (
+    "seesr is not on a public package index: install it from its source tree (`pip install /path/to/seesr-checkout`) "
+    "or from a wheel built there (`pip wheel --no-deps /path/to/seesr-checkout -w dist/`, then install that wheel)"
+)
+
+
+def loader_source(cls: type) -> str:
+    """The two-line loader file for ``cls``: imports it from the installed package and says how to install it."""
+    import textwrap
+
+    hint = textwrap.fill(INSTALL_HINT + ".", 100)
+    return (
+        f'"""Loads {cls.__name__} from the installed `seesr` distribution.\n\n{hint}\n"""\n\n'
+        f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n"
+    )
 
 
 class InstalledCodeLoaderMixin:
@@ -31,10 +46,7 @@ class InstalledCodeLoaderMixin:
         index.update(index_updates or {})
         index["_class_name"] = [self.loader_file, type(self).__name__]
         index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (Path(save_directory) / f"{self.loader_file}.py").write_text(
-            f'"""Loads {type(self).__name__} from the installed `seesr` distribution (pip install seesr)."""\n\n'
-            f"from {type(self).__module__} import {type(self).__name__}  # noqa: F401\n"
-        )
+        (Path(save_directory) / f"{self.loader_file}.py").write_text(loader_source(type(self)))
 
     @classmethod
     def load_config(cls, *args: Any, **kwargs: Any):

@@ -183,10 +183,12 @@ class TGSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         tile_overlap: int = 32,
         output_type: str = "pil",
         return_dict: bool = True,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> TGSRPipelineOutput | tuple:
         """Upscale `image` (one image or a list/batch) by `upscale`, guided by `prompt` (one, or one per image).
 
         `tile_size` and `tile_overlap` are in LR pixels; images up to `tile_size` on both sides run in one piece.
+        `generator` is accepted like in every diffusers pipeline; the model is deterministic and draws nothing.
         """
         # 1. inputs
         images = self.prepare_images(image)

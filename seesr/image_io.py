@@ -22,7 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 ALPHA_FORMATS: frozenset[str] = frozenset({"PNG", "WEBP", "TIFF"})
 _GLOB_CHARS = "*?["
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
@@ -43,16 +43,48 @@ class LoadedImage:
         alpha: the transparency as an 8-bit `L` image of the same size, or None when the file had none.
         path: the file it came from.
         mode: the PIL mode of the file before conversion (e.g. `I;16`, `P`, `RGBA`).
+        bit_depth: bits per channel of the file (16 for 16-bit PNG/TIFF, else 8); `rgb` is always 8-bit.
+        grey: the file had no colour (modes 1, L, LA, I;16*, I, F, or a palette of greys).
+        icc_profile: the embedded ICC profile, if any.
+        exif: the EXIF block with the orientation reset (the pixels are already upright), if any.
     """
 
     rgb: Image.Image
     alpha: Image.Image | None
     path: Path
     mode: str
+    bit_depth: int = 8
+    grey: bool = False
+    icc_profile: bytes | None = None
+    exif: bytes | None = None
 
 
 def _is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _skip_reason(path: Path, folder: Path) -> str | None:
+    """Why a folder scan does not take `path` (None: it is an input)."""
+    if any(part.startswith(".") for part in path.relative_to(folder).parts):
+        return "hidden (dotfile, or a temporary file of an interrupted write)"
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        return f"not an image suffix ({', '.join(sorted(IMAGE_EXTENSIONS))})"
+    return None
+
+
+def _scan_folder(folder: Path) -> list[Path]:
+    """Image files under `folder` (recursive, sorted); skipped files are logged, one line per reason."""
+    found, skipped = [], {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        reason = _skip_reason(path, folder)
+        if reason is None:
+            found.append(path)
+        else:
+            skipped.setdefault(reason, []).append(path.relative_to(folder).as_posix())
+    for reason, names in skipped.items():
+        shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+        logger.info("%s: skipped %d file(s), %s: %s", folder, len(names), reason, shown)
+    return found
 
 
 def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
@@ -74,7 +106,7 @@ def expand_inputs(patterns: list[str]) -> tuple[list[Path], list[str]]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if _is_image_file(p))
+            found = _scan_folder(path)
             if not found:
                 errors.append(f"{pattern}: folder contains no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
             for p in found:
@@ -127,6 +159,39 @@ def _to_rgb_and_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | No
     return image, alpha
 
 
+def _file_bit_depth(image: Image.Image, path: Path) -> int:
+    """16 for 16-bit PNG/TIFF files (Pillow reads 16-bit colour as 8-bit RGB), else 8."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        return 16
+    if image.format == "PNG":
+        with open(path, "rb") as file:
+            header = file.read(26)
+        return 16 if len(header) == 26 and header[24] == 16 else 8
+    if image.format == "TIFF":
+        bits = getattr(image, "tag_v2", {}).get(258, (8,))
+        bits = bits if isinstance(bits, tuple) else (bits,)
+        return 16 if bits and max(bits) == 16 else 8
+    return 8
+
+
+def _is_grey(image: Image.Image) -> bool:
+    if image.mode in ("1", "L", "LA", "F", *_SIXTEEN_BIT_MODES):
+        return True
+    if image.mode in ("P", "PA"):
+        palette = image.convert("RGB")
+        array = np.asarray(palette)
+        return bool((array[..., 0] == array[..., 1]).all() and (array[..., 1] == array[..., 2]).all())
+    return False
+
+
+def _upright_exif(image: Image.Image) -> bytes | None:
+    exif = image.getexif()
+    if not exif:
+        return None
+    exif.pop(0x0112, None)  # the pixels are upright (exif_transpose applied it)
+    return exif.tobytes() if exif else None
+
+
 def load_image(path: str | Path, max_pixels: int | None = 64_000_000) -> LoadedImage:
     """Load an image as 8-bit RGB (+ separate alpha), applying its EXIF orientation.
 
@@ -148,8 +213,17 @@ def load_image(path: str | Path, max_pixels: int | None = 64_000_000) -> LoadedI
                     f"{path}: {width}x{height} = {width * height} pixels exceeds max_pixels={max_pixels}"
                 )
             image.load()
+            frames = getattr(image, "n_frames", 1)
+            if frames > 1:
+                logger.warning("%s: %d frames (animated); only the first frame is used", path, frames)
             original_mode = image.mode
+            details = {
+                "bit_depth": _file_bit_depth(image, path),
+                "grey": _is_grey(image),
+                "icc_profile": image.info.get("icc_profile") or None,
+            }
             image = ImageOps.exif_transpose(image)
+            details["exif"] = _upright_exif(image)
             rgb, alpha = _to_rgb_and_alpha(image)
     except ImageLoadError:
         raise
@@ -165,7 +239,7 @@ def load_image(path: str | Path, max_pixels: int | None = 64_000_000) -> LoadedI
     except Exception as exc:  # Pillow raises OSError, ValueError, SyntaxError and worse on corrupt data
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageLoadError(f"{path}: cannot decode image ({message})") from exc
-    return LoadedImage(rgb=rgb, alpha=alpha, path=path, mode=original_mode)
+    return LoadedImage(rgb=rgb, alpha=alpha, path=path, mode=original_mode, **details)
 
 
 def _temp_path(path: Path) -> Path:
@@ -188,6 +262,19 @@ def atomic_save_file(write_fn: Callable[[Path], T], path: str | Path) -> T:
         tmp.unlink(missing_ok=True)
         raise
     return result
+
+
+def claim_path(path: str | Path) -> bool:
+    """Claim an output name by creating it empty, exclusively and without following links; False if it exists.
+
+    The claim is later replaced by an atomic write, or removed by the caller when the work fails.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        os.close(os.open(path, flags, 0o644))
+    except FileExistsError:
+        return False
+    return True
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

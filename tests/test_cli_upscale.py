@@ -95,7 +95,8 @@ def test_bad_inputs_do_not_stop_the_batch(model_dir, tmp_path, caplog):
     assert Image.open(out / "rotated.png").size == (32, 64)  # EXIF orientation applied: 16x8 shown as 8x16
     alpha = Image.open(out / "alpha.png")
     assert alpha.mode == "RGBA" and alpha.size == (64, 64) and np.asarray(alpha)[..., 3].std() > 10
-    assert Image.open(out / "deep.png").mode == "RGB"
+    assert Image.open(out / "deep.png").mode == "I;16"  # 16-bit grey in, 16-bit grey out
+    assert Image.open(out / "gray.png").mode == "L" and Image.open(out / "palette.png").mode == "RGB"
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
 
 
@@ -176,4 +177,4 @@ def test_embedded_default_model(tmp_path, caplog):
     assert Image.open(tmp_path / "out" / "crop.png").size == (128, 96)
     dot = Image.open(tmp_path / "out" / "dot.png")
     assert dot.size == (4, 4) and dot.mode == "RGBA" and dot.getpixel((1, 1))[3] == 100
-    assert main(["upscale", str(tmp_path / "crop.png"), "-o", str(tmp_path / "o2"), "--upscale", "3"]) == 1
+    assert main(["upscale", str(tmp_path / "crop.png"), "-o", str(tmp_path / "o2"), "--upscale", "3"]) == 2

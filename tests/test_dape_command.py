@@ -87,3 +87,20 @@ def test_half_precision_option(model_dir, images, capsys):
     assert main(["tag", str(images[0]), "--model", str(model_dir), "--dtype", "bfloat16", "--device", "cpu"]) == 0
     path, _ = capsys.readouterr().out.rstrip("\n").split("\t")
     assert path == str(images[0])
+
+
+def test_pipeline_folder_as_model_and_overwrite(model_dir, images, tmp_path, capsys):
+    """--model takes a SeeSR pipeline folder (its prompt_extractor/); -o keeps existing files unless --overwrite."""
+    from tiny import tiny_pipeline
+
+    pipeline_dir = tmp_path / "pipeline"
+    tiny_pipeline(prompt_extractor=DAPEModel.from_pretrained(model_dir)).save_pretrained(pipeline_dir)
+    out = tmp_path / "tags"
+    assert main(["tag", str(images[0]), "--model", str(pipeline_dir), "-o", str(out)]) == 0
+    expected = _expected(model_dir, images)[str(images[0])] + "\n"
+    assert (out / "a.txt").read_text(encoding="utf-8") == expected
+    (out / "a.txt").write_text("edited by hand\n", encoding="utf-8")
+    assert main(["tag", str(images[0]), "--model", str(pipeline_dir), "-o", str(out)]) == 0
+    assert (out / "a.txt").read_text(encoding="utf-8") == "edited by hand\n"
+    assert main(["tag", str(images[0]), "--model", str(pipeline_dir), "-o", str(out), "--overwrite"]) == 0
+    assert (out / "a.txt").read_text(encoding="utf-8") == expected

@@ -325,6 +325,12 @@ def test_architecture_mismatch_is_reported(released):
         convert_ram_checkpoint(*paths, architecture={**TINY_DAPE_CONFIG, "depths": (2, 4)})
 
 
+def test_another_swin_width_names_the_expected_architecture(released):
+    paths = released(original_layout(released.source))
+    with pytest.raises(CheckpointConversionError, match="embed_dim 8, expected embed_dim 16"):
+        convert_ram_checkpoint(*paths, architecture={**TINY_DAPE_CONFIG, "embed_dim": 16})
+
+
 def test_tag_and_threshold_files_must_agree(released):
     ram_path, dape_path, tags_path, thresholds_path = released(original_layout(released.source))
     thresholds_path.write_text("0.5\n0.6\n")

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from seesr.tgsr import DEFAULT_TEXT_ENCODER
 from tgsr_tiny import tiny_bert_tokenizer, tiny_model, tiny_text_encoder
 
 from pipelines.pipeline_tgsr import TGSRPipeline, blend_weights, tile_starts
-from seesr.tgsr import DEFAULT_TEXT_ENCODER
 
 
 @pytest.fixture(scope="module")
@@ -152,11 +153,12 @@ def test_save_with_a_package_reference_does_not_copy_the_encoder(tmp_path):
 
 def test_bundled_default_beats_bicubic_on_the_example():
     """The committed weights load offline (text encoder from its package) and beat bicubic on the held-out demo."""
-    from seesr.metrics import psnr
     from seesr.tgsr import default_model_path
     from seesr.tgsr_data import _package_photo
 
-    root = default_model_path().parents[1]
+    from seesr.metrics import psnr
+
+    root = Path(__file__).parents[1]
     pipeline = TGSRPipeline.from_pretrained(default_model_path())
     pipeline.set_progress_bar_config(disable=True)
     lq = Image.open(root / "examples" / "astronaut.png").convert("RGB")

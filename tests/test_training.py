@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from seesr.config import load_config
 from torch import nn
 
-from seesr.config import load_config
 from seesr.training import (
     TrainingArgs,
     cast_training_params,
@@ -277,3 +279,85 @@ def test_two_process_checkpoint_and_resume(tmp_path):
     checkpoint = out / "checkpoint-2"
     assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
     assert (checkpoint / "toy" / "config.json").is_file()
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A toy run with checkpoint-2 and checkpoint-3 (copied by each test that damages one)."""
+    run = tmp_path_factory.mktemp("run")
+    _train(_args(run, max_train_steps=3))
+    return run
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGES = {
+    "truncated model file": lambda c: _truncate(c / "toy" / "diffusion_pytorch_model.safetensors"),
+    "missing optimizer.bin": lambda c: (c / "optimizer.bin").unlink(),
+    "truncated optimizer.bin": lambda c: _truncate(c / "optimizer.bin"),
+    "empty folder": lambda c: [shutil.rmtree(p) if p.is_dir() else p.unlink() for p in list(c.iterdir())],
+    "unreadable random states": lambda c: (c / "random_states_0.pkl").write_bytes(b"\x80\x04garbage"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_resume_latest_falls_back_from_a_damaged_checkpoint(finished_run, tmp_path, damage, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    DAMAGES[damage](run / "checkpoint-3")
+    args = _args(run, max_train_steps=3, resume="latest")
+    accelerator = make_accelerator(args, "toy")
+    model = Toy()
+    register_save_load_hooks(accelerator, {"toy": model})
+    optimizer = make_optimizer(trainable_parameters(model), args)
+    scheduler = make_lr_scheduler(optimizer, args)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    with caplog.at_level(logging.WARNING):
+        assert resume_step(accelerator, run, "latest") == 2
+    assert any("checkpoint-3 is damaged" in r.getMessage() and "older" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(unwrap(accelerator, model).head.weight, reloaded_weight(run / "checkpoint-2"))
+    with pytest.raises(ValueError, match="damaged"):
+        resume_step(accelerator, run, str(run / "checkpoint-3"))
+
+
+def test_saving_a_checkpoint_again_swaps_it_in_whole(finished_run, tmp_path, monkeypatch):
+    """The old checkpoint-N is removed only after the new one is in place; a failed swap keeps the old one."""
+    import seesr.staging as staging
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    args = _args(run, max_train_steps=3)
+    accelerator = make_accelerator(args, "toy")
+    model = Toy()
+    register_save_load_hooks(accelerator, {"toy": model})
+    model = accelerator.prepare(model)
+    before = reloaded_weight(run / "checkpoint-3")
+    synced = []
+    monkeypatch.setattr(staging, "fsync_tree", lambda folder: synced.append(Path(folder).name))
+    real_rename = Path.rename
+
+    def failing_rename(self, target):
+        if self.name == "checkpoint-3.partial":
+            raise OSError("disk gone")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing_rename)
+    with pytest.raises(OSError, match="disk gone"):
+        save_checkpoint(accelerator, run, 3, None)
+    monkeypatch.setattr(Path, "rename", real_rename)
+    assert synced == ["checkpoint-3.partial"]
+    torch.testing.assert_close(reloaded_weight(run / "checkpoint-3"), before)  # the old one is back in place
+    save_checkpoint(accelerator, run, 3, None)
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]
+
+
+def test_loader_workers_adapt_to_the_cpus(monkeypatch, caplog):
+    from seesr.training import loader_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    with caplog.at_level(logging.INFO):
+        assert loader_workers(TrainingArgs(dataloader_num_workers=8)) == 2
+    assert any("capped" in r.getMessage() for r in caplog.records)
+    assert loader_workers(TrainingArgs(dataloader_num_workers=1)) == 1

@@ -23,27 +23,58 @@ COMMANDS: dict[str, str] = {
 }
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("seesr")
+    except metadata.PackageNotFoundError:
+        from seesr import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from seesr.cli_options import HelpFormatter
+
     parser = argparse.ArgumentParser(prog="seesr", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module_name in COMMANDS.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or name).strip().splitlines()[0]
-        command = sub.add_parser(name, help=doc, description=module.__doc__)
+        command = sub.add_parser(name, help=doc, description=module.__doc__, formatter_class=HelpFormatter)
         module.add_arguments(command)
         command.set_defaults(_module=module)
     return parser
 
 
+class TqdmLoggingHandler(logging.StreamHandler):
+    """Writes log lines through `tqdm.write`, so that they do not garble an active progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging must never raise
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
-    )
+    handler = TqdmLoggingHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
     for noisy in ("diffusers", "transformers", "accelerate", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    return int(args._module.run(args) or 0)
+    try:
+        return int(args._module.run(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"seesr {args.command}: interrupted; no partial output was left behind\n")
+        return 130
 
 
 if __name__ == "__main__":

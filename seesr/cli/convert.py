@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from seesr.cli_options import TORCH_DTYPES as DTYPES
+from seesr.cli_options import add_dtype, add_output, add_overwrite
+from seesr.cli_options import dtype as dtype_name
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+logger = logging.getLogger(__name__)
 
 
 class ConversionError(ValueError):
@@ -111,10 +111,11 @@ def convert_seesr(
     from seesr.models.unet import SeeSRUNet2DConditionModel
 
     seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+    try:
+        dtype = dtype_name(dtype)
+    except argparse.ArgumentTypeError as error:
+        raise ConversionError(f"dtype: {error}") from None
+    check_replaceable(output_dir, overwrite)
     _check_sd_folder(sd)
     _check_seesr_folder(seesr_dir)
     if dape is not None:
@@ -150,26 +151,33 @@ def convert_seesr(
     return output_dir
 
 
+def check_replaceable(output_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing ``output_dir`` unless ``overwrite`` and it is empty or a saved model / pipeline folder."""
+    if not output_dir.exists():
+        return
+    if not overwrite:
+        raise ConversionError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+    if not output_dir.is_dir():
+        raise ConversionError(f"{output_dir}: exists and is not a folder; refusing to replace it")
+    if any(output_dir.iterdir()) and not any((output_dir / n).is_file() for n in ("model_index.json", "config.json")):
+        raise ConversionError(
+            f"{output_dir}: --overwrite replaces only an empty folder or a saved pipeline/model folder "
+            "(model_index.json or config.json); this one holds other files, refusing to delete it"
+        )
+
+
 def _stage_and_rename(output_dir: Path, write) -> None:
-    """``write(folder)`` into a temporary sibling of ``output_dir``, then rename it into place (never half-written)."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    try:
-        write(staging)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        staging.rename(output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """``write(folder)`` into a temporary sibling of ``output_dir``, then swap it into place (never half-written)."""
+    from seesr.staging import write_folder
+
+    write_folder(output_dir, write)
 
 
 def convert_dape(dape: DAPEFiles, output_dir: str | Path, overwrite: bool = False) -> Path:
     """A standalone DAPEModel folder (float32 safetensors) from the released RAM (+ DAPE) files, e.g. for
     ``train_dape.py``'s ``dape_model`` (plain RAM, no DAPE.pth) or ``seesr tag``."""
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise ConversionError(f"{output_dir}: already exists (pass --overwrite to replace it)")
+    check_replaceable(output_dir, overwrite)
     _check_dape_files(dape)
     model = _dape_model(dape)
     _stage_and_rename(output_dir, lambda folder: model.save_pretrained(folder, safe_serialization=True))
@@ -178,15 +186,17 @@ def convert_dape(dape: DAPEFiles, output_dir: str | Path, overwrite: bool = Fals
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sd", help="Stable Diffusion 2 base: diffusers folder or hub id")
-    parser.add_argument("--seesr", type=Path, help="released SeeSR folder with unet/ and controlnet/")
-    parser.add_argument("-o", "--output-dir", required=True, type=Path, help="pipeline folder to write")
-    parser.add_argument("--ram", type=Path, help="ram_swin_large_14m.pth (adds the DAPE prompt extractor)")
-    parser.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
-    parser.add_argument("--tag-list", type=Path, help="ram_tag_list.txt")
-    parser.add_argument("--tag-thresholds", type=Path, help="ram_tag_list_threshold.txt")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the saved weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    inputs = parser.add_argument_group("released files")
+    inputs.add_argument("--sd", help="Stable Diffusion 2 base: diffusers folder or hub id")
+    inputs.add_argument("--seesr", type=Path, help="released SeeSR folder with unet/ and controlnet/")
+    inputs.add_argument("--ram", type=Path, help="ram_swin_large_14m.pth (adds the DAPE prompt extractor)")
+    inputs.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
+    inputs.add_argument("--tag-list", type=Path, help="ram_tag_list.txt")
+    inputs.add_argument("--tag-thresholds", type=Path, help="ram_tag_list_threshold.txt")
+    output = parser.add_argument_group("output")
+    add_output(output, "pipeline (or DAPE) folder to write", aliases=("--output-dir",))
+    add_dtype(output, help="dtype of the saved weights")
+    add_overwrite(output, "replace an existing output folder (only an empty one or a saved pipeline/model folder)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -203,9 +213,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.sd is None:
-            convert_dape(dape, args.output_dir, overwrite=args.overwrite)
+            convert_dape(dape, args.output, overwrite=args.overwrite)
         else:
-            convert_seesr(args.sd, args.seesr, args.output_dir, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
+            convert_seesr(args.sd, args.seesr, args.output, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
     except (ConversionError, ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         return 1

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from seesr.cli_options import add_output, add_overwrite
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_METRICS = "psnr,ssim"
@@ -21,16 +23,27 @@ DEFAULT_METRICS = "psnr,ssim"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pred", required=True, type=Path, help="folder of super-resolved images")
     parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth images")
-    parser.add_argument("--crop-border", type=int, default=0, help="pixels removed from each side (default 0)")
+    parser.add_argument("--scale", type=int, default=4, help="the SR scale factor evaluated (sets the crop border)")
+    parser.add_argument(
+        "--crop-border",
+        type=int,
+        default=None,
+        help="pixels removed from each side (default: the scale, as the Real-ISR protocol)",
+    )
     parser.add_argument(
         "--metrics",
         default=DEFAULT_METRICS,
-        help="comma-separated: psnr, ssim, and with pyiqa installed lpips, dists, niqe, musiq, maniqa, clipiqa "
-        f"(default {DEFAULT_METRICS})",
+        help="comma-separated: psnr, ssim, and with pyiqa installed lpips, dists, niqe, musiq, maniqa, clipiqa",
     )
     parser.add_argument("--rgb", action="store_true", help="compute PSNR/SSIM on RGB instead of the Y channel")
-    parser.add_argument("--out", type=Path, default=None, help="write per-image scores and means as JSON here")
+    add_output(
+        parser,
+        "write per-image scores and means as JSON here (default: log the means only)",
+        required=False,
+        aliases=("--out",),
+    )
     parser.add_argument("--csv", type=Path, default=None, help="write per-image scores and means as CSV here")
+    add_overwrite(parser, "replace existing JSON/CSV result files (default: refuse)")
     parser.add_argument("--device", default=None, help="device for pyiqa metrics (default: cuda if available)")
 
 
@@ -174,6 +187,12 @@ def write_csv(results: dict[str, Any], path: Path) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         metrics = _parse_metrics(args.metrics)
+        if args.crop_border is None:
+            args.crop_border = args.scale
+            logger.info("crop border %d px (= --scale %d; pass --crop-border to change it)", args.scale, args.scale)
+        for path in (args.output, args.csv):
+            if path is not None and path.exists() and not args.overwrite:
+                raise ValueError(f"{path}: already exists (pass --overwrite to replace it)")
         if args.crop_border < 0:
             raise ValueError(f"--crop-border must be >= 0, got {args.crop_border}")
         for label, folder in (("--pred", args.pred), ("--gt", args.gt)):
@@ -185,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for line in results["errors"]:
         logger.error("%s", line)
-    if args.out is not None:
-        write_json(results, args.out)
-        logger.info("wrote %s", args.out)
+    if args.output is not None:
+        write_json(results, args.output)
+        logger.info("wrote %s", args.output)
     if args.csv is not None:
         write_csv(results, args.csv)
         logger.info("wrote %s", args.csv)

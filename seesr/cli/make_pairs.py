@@ -8,18 +8,21 @@ from __future__ import annotations
 import argparse
 import logging
 
+from seesr.cli_options import add_device, add_output, add_overwrite
+
 logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="HR image files, folders (recursive) or globs")
-    parser.add_argument("-o", "--output", required=True, help="output folder (gets gt/, lq/, sr_bicubic/)")
+    add_output(parser, "output folder (gets gt/, lq/, sr_bicubic/)")
+    add_overwrite(parser, "replace the pairs of an output folder that already has some (default: refuse)")
     parser.add_argument("--config", help="degradation YAML (default: the Real-ESRGAN x4plus values)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the crops and the degradation (default 0)")
-    parser.add_argument("--resolution", type=int, default=512, help="GT crop side in pixels (default 512)")
-    parser.add_argument("--scale", type=int, help="downscaling factor; overrides the config's `scale` (default 4)")
-    parser.add_argument("--batch-size", type=int, default=4, help="images degraded together (default 4)")
-    parser.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda:0 (default: cuda if present)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the crops and the degradation")
+    parser.add_argument("--resolution", type=int, default=512, help="GT crop side in pixels")
+    parser.add_argument("--scale", type=int, help="downscaling factor (default: the config's, 4)")
+    parser.add_argument("--batch-size", type=int, default=4, help="images degraded together")
+    add_device(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,8 +31,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from seesr.data.degradation import DegradationConfig
-    from seesr.data.pairs import make_pairs
+    from seesr.data.pairs import SUBFOLDERS, make_pairs
 
+    existing = [name for name in SUBFOLDERS if (args.output / name).is_dir() and any((args.output / name).iterdir())]
+    if existing and not args.overwrite:
+        logger.error("%s: already has pairs (%s/); pass --overwrite to replace them", args.output, existing[0])
+        return 2
     try:
         config = DegradationConfig.from_yaml(args.config) if args.config else DegradationConfig()
         if args.scale is not None:

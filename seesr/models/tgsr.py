@@ -47,13 +47,20 @@ class TGSRModelOutput(BaseOutput):
 
 
 def default_model_path() -> Path:
-    """The folder of the bundled TGSR pipeline (`weights/tgsr-default/` at the repository root)."""
-    path = Path(__file__).resolve().parents[2] / "weights" / "tgsr-default"
+    """The folder of the bundled TGSR pipeline: package data of `seesr` (`seesr/weights/tgsr-default/`).
+
+    Found through `importlib.resources`, so it works from a source checkout, an editable install and an installed
+    wheel alike (`weights/tgsr-default` at the repository root is a link to it).
+    """
+    from importlib.resources import files
+
+    resource = files("seesr") / "weights" / "tgsr-default"
+    path = Path(str(resource))
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
-            f"The bundled TGSR weights were not found at {path} (no model_index.json). They live in the source "
-            "repository's weights/tgsr-default/; reproduce them with the command in weights/README.md, or pass "
-            "the folder of a trained TGSR pipeline explicitly."
+            f"The bundled TGSR weights were not found at {path} (no model_index.json): this installation of seesr "
+            "lacks its package data (reinstall it from the source tree or a wheel built from it), or pass the "
+            "folder of a trained TGSR pipeline with --model."
         )
     return path
 

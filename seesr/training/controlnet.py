@@ -25,7 +25,7 @@ from seesr.data.degradation import DegradationConfig, degraded_condition
 from seesr.denoise import SeeSRCondition, predict_noise
 from seesr.models.rca import RCA_MODULE_NAME
 from seesr.training.config import config_to_dict, load_config, parse_cli
-from seesr.training.loop import TrainingArgs, epoch_batches, step_generator
+from seesr.training.loop import TrainingArgs, epoch_batches, loader_workers, step_generator
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -366,9 +366,11 @@ def export_models(cfg: SeeSRTrainConfig, unet, controlnet) -> Path:
             if name in keep:
                 param.copy_(trained[name].float())
     controlnet = controlnet.float()
-    final_unet.save_pretrained(export_dir / "unet")
-    controlnet.save_pretrained(export_dir / "controlnet")
-    build_pipeline(parts, final_unet, controlnet).save_pretrained(export_dir / "pipeline")
+    from seesr.staging import write_folder  # each folder staged and swapped in whole, as `seesr convert` does
+
+    write_folder(export_dir / "unet", final_unet.save_pretrained)
+    write_folder(export_dir / "controlnet", controlnet.save_pretrained)
+    write_folder(export_dir / "pipeline", build_pipeline(parts, final_unet, controlnet).save_pretrained)
     logger.info("exported SeeSR to %s (pipeline/, unet/, controlnet/)", export_dir)
     return export_dir / "pipeline"
 
@@ -457,7 +459,7 @@ def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
         shuffle=True,
         collate_fn=collate,
         drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
+        num_workers=loader_workers(args),
     )
     # 2. optimizer and schedule over the ControlNet and the trainable UNet modules
     params = trainable_parameters(controlnet) + trainable_parameters(unet)

@@ -152,6 +152,19 @@ def write_resolved_config(cfg: Any, output_dir: str | Path, accelerator: Acceler
     return path
 
 
+def loader_workers(args: TrainingArgs) -> int:
+    """`args.dataloader_num_workers`, capped at the CPUs this process may use (a config made for a bigger machine
+    still runs on a 2-core one, without DataLoader's warning); the cap is logged."""
+    import os
+
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if args.dataloader_num_workers > available:
+        logger.info("dataloader_num_workers=%d capped at the %d CPU(s) available", args.dataloader_num_workers,
+                    available)  # fmt: skip
+        return available
+    return args.dataloader_num_workers
+
+
 def make_optimizer(params: Iterable[Any], args: TrainingArgs) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' AdamW8bit when `args.use_8bit_adam`) over `params` (tensors or param groups)."""
     params = list(params)
@@ -326,9 +339,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        partial.rename(final)
+        from seesr.staging import replace_folder
+
+        replace_folder(partial, final)  # fsync, then swap: an older checkpoint-{step} goes only once this is in place
         logger.info("saved checkpoint %s", final)
         if total_limit is not None:
             for _, old in list_checkpoints(output_dir)[:-total_limit]:
@@ -338,20 +351,68 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int,
     return final
 
 
+def checkpoint_problem(accelerator: Accelerator, path: str | Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be loaded (empty, missing or truncated files), or None.
+
+    Checks without loading: every optimizer / scheduler / RNG state accelerate will read exists, torch-saved files
+    are complete zip archives, and every safetensors file's header fits the file.
+    """
+    import zipfile
+
+    from safetensors import safe_open
+
+    path = Path(path)
+    files = [p for p in path.rglob("*") if p.is_file()]
+    if not files:
+        return "empty folder"
+    expected = [f"optimizer{'' if i == 0 else f'_{i}'}.bin" for i in range(len(accelerator._optimizers))]
+    expected += [f"scheduler{'' if i == 0 else f'_{i}'}.bin" for i in range(len(accelerator._schedulers))]
+    expected.append(f"random_states_{accelerator.process_index}.pkl")
+    for name in expected:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+    for file in files:
+        try:
+            if file.suffix in (".bin", ".pkl", ".pt", ".pth"):
+                with zipfile.ZipFile(file):
+                    pass
+            elif file.suffix == ".safetensors":
+                with safe_open(str(file), framework="pt"):
+                    pass
+        except Exception as error:
+            return f"{file.relative_to(path)} is unreadable ({str(error).splitlines()[0] if str(error) else error!r})"
+    return None
+
+
+def _load_latest(accelerator: Accelerator, output_dir: str | Path) -> int:
+    """Load the newest loadable checkpoint-N (damaged ones are skipped with a warning); its step, or 0."""
+    checkpoints = list_checkpoints(output_dir)
+    if not checkpoints:
+        logger.info("resume=latest: no checkpoint-N in %s, starting from step 0", output_dir)
+        return 0
+    for step, path in reversed(checkpoints):
+        problem = checkpoint_problem(accelerator, path)
+        if problem is None:
+            try:
+                logger.info("resuming from %s (step %d)", path, step)
+                accelerator.load_state(str(path))
+                return step
+            except Exception as error:  # damage the checks above cannot see; an older load overwrites every state
+                problem = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.warning("%s is damaged (%s); falling back to the next older checkpoint", path, problem)
+    raise RuntimeError(f"resume=latest: no loadable checkpoint in {output_dir} (all {len(checkpoints)} damaged)")
+
+
 def resume_step(accelerator: Accelerator, output_dir: str | Path, resume: str | Path | None) -> int:
     """Load the state of a checkpoint and return its step (0 when there is nothing to resume).
 
-    `resume` is None (start fresh), "latest" (the highest `output_dir/checkpoint-N`, or step 0 with a log line
-    when there is none) or the path of a `checkpoint-N` folder.
+    `resume` is None (start fresh), "latest" (the highest loadable `output_dir/checkpoint-N`: a damaged one is
+    skipped with a warning; step 0 with a log line when there is none) or the path of a `checkpoint-N` folder.
     """
     if resume is None:
         return 0
     if str(resume) == "latest":
-        checkpoints = list_checkpoints(output_dir)
-        if not checkpoints:
-            logger.info("resume=latest: no checkpoint-N in %s, starting from step 0", output_dir)
-            return 0
-        step, path = checkpoints[-1]
+        return _load_latest(accelerator, output_dir)
     else:
         path = Path(resume)
         if not path.is_dir():
@@ -360,6 +421,9 @@ def resume_step(accelerator: Accelerator, output_dir: str | Path, resume: str | 
         if match is None:
             raise ValueError(f"resume={str(resume)!r}: expected 'latest' or a folder named checkpoint-<step>")
         step = int(match.group(1))
+        problem = checkpoint_problem(accelerator, path)
+        if problem is not None:
+            raise ValueError(f"resume={str(resume)!r}: the checkpoint is damaged ({problem})")
     logger.info("resuming from %s (step %d)", path, step)
     accelerator.load_state(str(path))
     return step

@@ -220,9 +220,10 @@ def export_pipeline(model: TGSRModel, text_encoder, tokenizer, cfg: TGSRTrainCon
 
     export_dir = Path(cfg.export_dir or Path(cfg.train.output_dir) / "pipeline")
     source = cfg.text_encoder if cfg.text_encoder.startswith(PACKAGE_PREFIX) else None
-    TGSRPipeline(
-        model=model, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_source=source
-    ).save_pretrained(export_dir)
+    from seesr.staging import write_folder  # staged and swapped in whole, as `seesr convert` does
+
+    pipeline = TGSRPipeline(model=model, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_source=source)
+    write_folder(export_dir, pipeline.save_pretrained)
     logger.info("exported the TGSR pipeline to %s", export_dir)
     return export_dir
 
