@@ -170,7 +170,9 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         )
         unknown = sorted(set(sampling_defaults or {}) - set(SAMPLING_DEFAULTS))
         if unknown:
-            raise ValueError(f"sampling_defaults: unknown keys {unknown}, expected some of {sorted(SAMPLING_DEFAULTS)}")
+            raise ValueError(
+                f"sampling_defaults: unknown keys {unknown}, expected some of {sorted(SAMPLING_DEFAULTS)}"
+            )
         # Stored in model_index.json: SeeSR-Turbo folders hold model_kind "seesr-turbo" and turbo's defaults.
         self.register_to_config(sampling_defaults=dict(sampling_defaults or {}), model_kind=model_kind)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)

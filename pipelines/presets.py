@@ -112,7 +112,7 @@ PRESETS: dict[str, Preset] = {
 
 
 def folder_kind(pipeline_class: str, config: dict[str, Any]) -> str:
-    """"seesr", "seesr-turbo", "osediff" or the class name, for a loaded pipeline's (or model_index.json's) config."""
+    """ "seesr", "seesr-turbo", "osediff" or the class name, for a loaded pipeline's (or model_index.json's) config."""
     if pipeline_class == "OSEDiffPipeline":
         return "osediff"
     if pipeline_class == "SeeSRPipeline":

@@ -49,7 +49,9 @@ def _check_turbo_folder(sd_turbo: str) -> None:
     if not path.exists():
         if sd_turbo.count("/") == 1 and not sd_turbo.startswith((".", "/")):
             return  # a hub id (e.g. stabilityai/sd-turbo): diffusers resolves it
-        raise ConversionError(f"{sd_turbo}: SD-Turbo folder not found (a local path or a hub id such as stabilityai/sd-turbo)")
+        raise ConversionError(
+            f"{sd_turbo}: SD-Turbo folder not found (a local path or a hub id such as stabilityai/sd-turbo)"
+        )
     for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         _require(path / name, f"the SD-Turbo {name}/ folder")
 

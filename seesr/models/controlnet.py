@@ -140,7 +140,7 @@ class SeeSRControlNetModel(StrictLoadingMixin, ControlNetModel):
         return controlnet
 
     def embed_condition(self, controlnet_cond: torch.Tensor) -> torch.Tensor:
-        """``controlnet_cond_embedding`` of a control image, as ``forward`` computes it (for ``controlnet_cond_embeds``)."""
+        """``controlnet_cond_embedding`` of a control image as ``forward`` computes it (``controlnet_cond_embeds``)."""
         if self.config.controlnet_conditioning_channel_order == "bgr":
             controlnet_cond = torch.flip(controlnet_cond, dims=[1])
         return self.controlnet_cond_embedding(controlnet_cond)
