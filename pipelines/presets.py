@@ -140,17 +140,19 @@ def check_preset_folder(preset: str | Preset, pipeline_class: str, config: dict[
     return preset
 
 
-def apply_preset(pipe, preset: str | Preset) -> dict[str, Any]:
+def apply_preset(pipe, preset: str | Preset, dtype=None) -> dict[str, Any]:
     """Set up ``pipe`` for ``preset`` (scheduler, dtype) and return the call keyword arguments it implies.
 
     ``pipe(image, **apply_preset(pipe, "fast"))``. Raises ValueError when ``pipe`` holds other weights than the
-    preset needs (e.g. "turbo" on a plain SeeSR folder). The dtype change is in place.
+    preset needs (e.g. "turbo" on a plain SeeSR folder). The dtype change is in place; ``dtype`` (a torch dtype)
+    overrides the preset's precision.
     """
     import torch
 
     preset = check_preset_folder(preset, type(pipe).__name__, dict(pipe.config))
     device_type = pipe._execution_device.type if hasattr(pipe, "_execution_device") else "cpu"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[preset.dtype_name(device_type)]
+    if dtype is None:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[preset.dtype_name(device_type)]
     kwargs = dict(preset.call_kwargs)
     prompt_extractor = getattr(pipe, "prompt_extractor", None)
     pipe.to(dtype=dtype)
@@ -166,6 +168,24 @@ def apply_preset(pipe, preset: str | Preset) -> dict[str, Any]:
         kwargs["upcast_vae"] = True
     logger.info("preset %s: %s", preset.name, preset.description)
     return kwargs
+
+
+#: Measured speed-up against quality, end to end, 512x512 from 128 px, 2-core CPU (benchmarks/bench_speed.py;
+#: docs/benchmarks.md). Filled in from the benchmark run.
+MEASURED_SPEEDUP: dict[str, str] = {"quality": "1x", "fast": "?", "turbo": "?", "onestep": "?"}
+
+
+def preset_table() -> str:
+    """The preset table (plain text) for ``--help``."""
+    rows = [("preset", "steps", "guidance", "precision", "weights", "speed")]
+    rows += [
+        ("quality", "50 DDPM", "5.5", "fp32", "SeeSR", MEASURED_SPEEDUP["quality"]),
+        ("fast", "10 DPM++2M", "5.5", "bf16 / fp16 CUDA", "SeeSR", MEASURED_SPEEDUP["fast"]),
+        ("turbo", "2 DDPM", "1 (none)", "fp32", "SeeSR-Turbo", MEASURED_SPEEDUP["turbo"]),
+        ("onestep", "1", "1 (none)", "fp32", "OSEDiff", MEASURED_SPEEDUP["onestep"]),
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
 
 
 def _call_parameters(pipe) -> set[str]:

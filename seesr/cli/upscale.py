@@ -12,15 +12,10 @@ import logging
 import os
 from pathlib import Path
 
+from pipelines.presets import PRESETS, SCHEDULERS, preset_table
+
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-}
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FORMATS = ("png", "jpg", "webp", "tif")
 
@@ -47,8 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output-dir", required=True, type=Path, help="folder for the outputs")
     parser.add_argument("--model", help="pipeline folder or hub id (SeeSR or TGSR); default: the embedded TGSR model")
     parser.add_argument("--prompt", default="", help="user prompt (SeeSR: after the DAPE tags; TGSR: the text guide)")
-    parser.add_argument("--steps", type=_number(int, 1), default=50, help="denoising steps (SeeSR)")
-    parser.add_argument("--guidance-scale", type=_number(float, 0), default=5.5, help="CFG scale (SeeSR)")
+    parser.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a documented set of settings (see the table below; explicit options override it)",
+    )
+    parser.epilog = "presets:\n" + preset_table()
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument(
+        "--steps", type=_number(int, 1), help="denoising steps (SeeSR; default: the folder's, 50 or turbo's 2)"
+    )
+    parser.add_argument(
+        "--guidance-scale",
+        type=_number(float, 0),
+        help="CFG scale (SeeSR; default: the folder's, 5.5 or turbo's 1)",
+    )
     parser.add_argument("--upscale", type=_number(float, 1), default=4, help="scale factor (TGSR: 2, 4, 8 or 16)")
     parser.add_argument(
         "--process-size",
@@ -71,8 +79,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=512,
         help="SeeSR VAE tile size in pixels ('none' disables)",
     )
-    parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="SeeSR sampler (default: the model's, DDPM)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype")
+    parser.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        help="SeeSR sampler (default: the model's, DDPM): "
+        + ", ".join(f"{k} = {v[2]}" for k, v in SCHEDULERS.items()),
+    )
+    parser.add_argument("--dtype", choices=list(DTYPES), help="model dtype (default: fp32, or the preset's)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet and ControlNet (SeeSR; slow first image, results equal to rounding)",
+    )
     parser.add_argument(
         "--device", help="torch device (default: cuda if available, else cpu; accelerate's under launch)"
     )
@@ -136,12 +154,14 @@ def pipeline_kwargs(kind: str, args: argparse.Namespace) -> dict:
     kwargs = {
         "upscale": args.upscale,
         "process_size": args.process_size,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
         "color_fix": None if args.color_fix == "none" else args.color_fix,
         "vae_tile_size": None if args.vae_tile_size == "off" else args.vae_tile_size,
         "upcast_vae": args.dtype == "fp16",
     }
+    if args.steps is not None:
+        kwargs["num_inference_steps"] = args.steps
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
     if args.tile_size is not None:
         kwargs["latent_tile_size"] = None if args.tile_size == "off" else args.tile_size
     if args.tile_overlap is not None:
@@ -175,16 +195,25 @@ def upscale_files(args: argparse.Namespace) -> int:
         list(zip(files, output_names(files, args.format), strict=True)), state.process_index, state.num_processes
     )
     device = torch.device(args.device) if args.device else state.device
+    preset = getattr(args, "preset", None)
+    if args.dtype is None:
+        args.dtype = PRESETS[preset].dtype_name(device.type) if preset else "fp32"
     dtype = getattr(torch, DTYPES[args.dtype])
     try:
         pipe, kind = load_pipeline(args.model, device, dtype)
-        kwargs = pipeline_kwargs(kind, args)
-        if args.scheduler and kind == "SeeSRPipeline":
-            import diffusers
+        preset_kwargs = {}
+        if preset:
+            from pipelines.presets import apply_preset
 
-            pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
-            if args.scheduler != "ddpm":
-                kwargs["start_timestep"] = None  # noise the LR latent to the sampler's own first step
+            preset_kwargs = apply_preset(pipe, preset, dtype=dtype)
+        kwargs = {**preset_kwargs, **pipeline_kwargs(kind, args)}
+        if args.scheduler and kind == "SeeSRPipeline":
+            from pipelines.presets import make_scheduler
+
+            pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+        if getattr(args, "compile", False) and kind == "SeeSRPipeline":
+            pipe.unet.compile()
+            pipe.controlnet.compile()
     except (ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0])
         return 1
