@@ -5,7 +5,9 @@ computation, see below) with the time per stage (DAPE, text encoder, VAE encode,
 VAE decode; timed with forward pre/post hooks) and the peak resident memory of each run (VmHWM, reset before each
 run through /proc/self/clear_refs; it includes the weights). Ratios are against the quality preset measured in the
 same run. Quality (DDPM 50 steps, CFG, fp32) is **extrapolated**: its fixed costs and ``--quality-steps`` denoising
-steps are measured, the other steps cost the measured mean step time. The other presets run all their steps.
+steps are measured, the other steps cost the measured mean step time. ``--fast-steps`` below 10 extrapolates the
+fast preset the same way (every DPM-Solver++ step costs one guided ControlNet + UNet call, as a DDPM step); the
+table says which rows are extrapolated. Turbo and onestep run all their steps.
 
 Models (random weights, built on the meta device and filled in place, so nothing is initialised twice): the
 SeeSR UNet (SD-2 base + RCA, 1126.8 M parameters), the SeeSR ControlNet (489.0 M), the SD VAE (83.7 M), the
@@ -391,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=list(CONFIGS), default="sd2")
     parser.add_argument("--quality-steps", type=int, default=2, help="quality steps measured (of 50)")
+    parser.add_argument("--fast-steps", type=int, default=10, help="fast steps measured (of 10; fewer: extrapolated)")
     parser.add_argument("--presets", default="quality,turbo,onestep,fast,onestep-bf16")
     parser.add_argument("--checks", default="channels_last,compile", help="comma list, or 'none'")
     parser.add_argument("--checks-only", action="store_true")
@@ -434,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "fast":
             to_dtype(pipe, torch.bfloat16)
             pipe.scheduler = make_scheduler("dpm", ddpm.config)
-            results.append(measure(name, pipe, lambda: run_seesr(pipe, 10, 5.5), 10, 10))
+            results.append(measure(name, pipe, lambda: run_seesr(pipe, args.fast_steps, 5.5), args.fast_steps, 10))
         else:
             raise SystemExit(f"--presets: unknown preset {name!r}")
     if results:
