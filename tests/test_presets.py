@@ -1,4 +1,4 @@
-"""Presets (quality / fast / turbo / onestep), stored sampling defaults and the exact speed-ups of the multi-step path."""
+"""Presets (quality, fast, turbo, onestep), stored sampling defaults, the exact speed-ups of the multi-step path."""
 
 import json
 import logging

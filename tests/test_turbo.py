@@ -11,7 +11,7 @@ from tiny import SD2_SCHEDULER, lq_image, released_keys, tiny_text_encoder, tiny
 
 from pipelines import SeeSRPipeline
 from seesr.cli import main
-from seesr.convert import ConversionError
+from seesr.cli.convert import ConversionError
 
 #: stabilityai/sd-turbo's scheduler/scheduler_config.json (an Euler scheduler with "trailing" spacing).
 SD_TURBO_SCHEDULER = {
@@ -157,7 +157,7 @@ def test_unaccounted_keys_are_errors_naming_them(tmp_path, caplog):
     assert "down_blocks.0.surprise.weight" in caplog.text
     assert not (tmp_path / "pipe").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
-    from seesr.turbo import assemble_turbo_unet
+    from seesr.cli.convert_turbo import assemble_turbo_unet
 
     write_turbo_folder(tmp_path / "turbo2")
     with pytest.raises(ConversionError, match=f"neither the SD-Turbo nor the SeeSR RCA weights: {rca_key}"):

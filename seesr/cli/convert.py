@@ -5,7 +5,7 @@ Inputs, unchanged as released:
 - the SeeSR folder with unet/ and controlnet/ (config.json with "use_image_cross_attention": true);
 - optionally DAPE: ram_swin_large_14m.pth + DAPE.pth + ram_tag_list.txt + ram_tag_list_threshold.txt.
 The scheduler is DDPM with the SD2 scheduler config, as the original ``test_seesr.py``.
-With ``--sd-turbo`` (instead of ``--sd``) it writes a SeeSR-Turbo folder instead (see ``seesr.turbo``).
+With ``--sd-turbo`` (instead of ``--sd``) it writes a SeeSR-Turbo folder instead (see ``seesr.cli.convert_turbo``).
 """
 
 from __future__ import annotations
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if sd_turbo is not None:
-            from .turbo import convert_seesr_turbo
+            from .convert_turbo import convert_seesr_turbo
 
             convert_seesr_turbo(
                 sd_turbo, args.seesr, args.output_dir, dape=dape, dtype=args.dtype, overwrite=args.overwrite

@@ -77,8 +77,8 @@ def assemble_turbo_unet(sd_turbo: str, seesr_dir: str | Path, torch_dtype=None):
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .rca import RCA_MODULE_NAME
-    from .unet import SeeSRUNet2DConditionModel, check_loading_info
+    from seesr.models.rca import RCA_MODULE_NAME
+    from seesr.models.unet import SeeSRUNet2DConditionModel, check_loading_info
 
     seesr_dir = Path(seesr_dir)
     turbo, info = UNet2DConditionModel.from_pretrained(
@@ -160,8 +160,7 @@ def convert_seesr_turbo(
     from transformers import AutoTokenizer, CLIPTextModel
 
     from pipelines.pipeline_seesr import SeeSRPipeline
-
-    from .controlnet import SeeSRControlNetModel
+    from seesr.models.controlnet import SeeSRControlNetModel
 
     seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
     if dtype not in DTYPES:
