@@ -10,14 +10,17 @@ Reproduces the original ``test_seesr.py`` + ``pipeline_seesr.py`` behaviour (see
    tokens feed RCA. Prompt = ``f"{tags}, {prompt},"`` + ``added_prompt`` (without DAPE: ``f"{prompt},"`` +
    ``added_prompt``). Both classifier-free-guidance halves see the DAPE tokens.
 3. Start point ``"lr"``: the LQ latent noised to ``start_timestep`` (999, as the original, although its first
-   denoising step is 981 with 50 DDPM steps; pass ``start_timestep=None`` to noise to the first step instead),
-   or ``"noise"``. All randomness (VAE sample, noise, DDPM steps) comes from ``generator``.
+   denoising step is 981 with 50 DDPM steps; pass ``start_timestep=None`` to noise to the first step instead;
+   schedulers other than DDPM / DDIM start at their own first step), or ``"noise"``. All randomness (VAE sample,
+   noise, DDPM steps) comes from ``generator``. Any diffusers scheduler can be swapped in with ``from_config``:
+   each ``step`` gets only the arguments it accepts.
 4. Latent tiling with Gaussian blending above ``latent_tile_size**2`` latent pixels; VAE tiling above
    ``vae_tile_size`` pixels; colour fix ``adain`` / ``wavelet`` / None.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -64,6 +67,9 @@ DEFAULT_NEGATIVE_PROMPT = "dotted, noise, blur, lowres, smooth"
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 START_POINTS = ("lr", "noise")
 REMOTE_CODE_FILE = "pipeline_seesr"
+#: The call defaults a folder may override (``sampling_defaults`` in its model_index.json, e.g. SeeSR-Turbo's);
+#: a caller's explicit value always wins. These are the original ``test_seesr.py``'s.
+SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.5, "latent_tile_overlap": 16}
 
 ImageInput = PIL.Image.Image | torch.Tensor | Sequence[PIL.Image.Image | torch.Tensor]
 
@@ -140,6 +146,8 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         controlnet: SeeSRControlNetModel,
         scheduler: SchedulerMixin,
         prompt_extractor: torch.nn.Module | None = None,
+        sampling_defaults: dict[str, Any] | None = None,
+        model_kind: str = "seesr",
     ):
         super().__init__()
         for name, module, cls in (
@@ -160,7 +168,24 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             scheduler=scheduler,
             prompt_extractor=prompt_extractor,
         )
+        unknown = sorted(set(sampling_defaults or {}) - set(SAMPLING_DEFAULTS))
+        if unknown:
+            raise ValueError(
+                f"sampling_defaults: unknown keys {unknown}, expected some of {sorted(SAMPLING_DEFAULTS)}"
+            )
+        # Stored in model_index.json: SeeSR-Turbo folders hold model_kind "seesr-turbo" and turbo's defaults.
+        self.register_to_config(sampling_defaults=dict(sampling_defaults or {}), model_kind=model_kind)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        #: Compute the ControlNet conditioning embedding once per image / tile instead of every step (bitwise the
+        #: same result; False recomputes it every step, as the original).
+        self.cache_control_embedding = True
+
+    def sampling_default(self, name: str, value: Any = None) -> Any:
+        """``value`` if given, else this folder's stored default (``sampling_defaults``), else the original's."""
+        if value is not None:
+            return value
+        stored = self.config.get("sampling_defaults") or {}
+        return stored.get(name, SAMPLING_DEFAULTS[name])
 
     # Saving and loading ------------------------------------------------------------------------------------------
 
@@ -293,10 +318,22 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             latents = posterior.sample(generator=generator)
         return latents * self.vae.config.scaling_factor
 
-    def noise_to_timestep(self, latents: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
-        """``latents`` diffused to ``timestep`` in the scheduler's own sample space."""
+    def noise_to_timestep(
+        self, latents: torch.Tensor, noise: torch.Tensor, timestep: int | torch.Tensor, first_step: bool = False
+    ) -> torch.Tensor:
+        """``latents`` diffused to ``timestep`` in the scheduler's own sample space.
+
+        DDPM / DDIM: their ``add_noise`` at any timestep (the original's start at t=999). Other schedulers at their own
+        first timestep (``first_step``): their ``add_noise`` (sigma-space schedulers scale by their first sigma,
+        Karras / exponential sigmas included). Elsewhere: ``sqrt(a) x + sqrt(1 - a) n`` with ``a = alphas_cumprod[t]``,
+        divided by ``sqrt(a)`` in sigma space (``init_noise_sigma > 1``).
+        """
         if isinstance(self.scheduler, DDPMScheduler | DDIMScheduler):
-            return self.scheduler.add_noise(latents, noise, torch.tensor([timestep], device=latents.device))
+            return self.scheduler.add_noise(latents, noise, torch.tensor([int(timestep)], device=latents.device))
+        if first_step and hasattr(self.scheduler, "add_noise"):
+            timesteps = torch.as_tensor(timestep, device=latents.device).reshape(1)
+            return self.scheduler.add_noise(latents, noise, timesteps).to(latents.dtype)
+        timestep = int(round(float(timestep)))
         alpha = self.scheduler.alphas_cumprod[timestep].to(device=latents.device, dtype=torch.float32)
         noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
         if float(self.scheduler.init_noise_sigma) > 1:  # sigma-space schedulers (Euler, Heun, LMS, ...)
@@ -325,8 +362,10 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         # generator's sequence is the original's (and with generator=None everything follows the original's order).
         noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         lr_latents = self.encode_lq(lq, _posterior_generator(generator), vae_tile_size, upcast_vae).to(dtype)
-        timestep = int(timesteps[0]) if start_timestep is None else start_timestep
-        return self.noise_to_timestep(lr_latents, noise, timestep)
+        if start_timestep is None or not isinstance(self.scheduler, DDPMScheduler | DDIMScheduler):
+            # Only DDPM / DDIM step from any noise level; the others start where their own schedule starts.
+            return self.noise_to_timestep(lr_latents, noise, timesteps[0], first_step=True)
+        return self.noise_to_timestep(lr_latents, noise, start_timestep)
 
     # Denoising ---------------------------------------------------------------------------------------------------
 
@@ -409,15 +448,15 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         image_embeds: torch.Tensor | None = None,
         upscale: float = 4,
         process_size: int = 512,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 5.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         conditioning_scale: float = 1.0,
         start_point: str = "lr",
         start_timestep: int | None = 999,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latent_tile_size: int | None = 64,
-        latent_tile_overlap: int = 16,
+        latent_tile_overlap: int | None = None,
         vae_tile_size: int | None = 512,
         upcast_vae: bool = False,
         color_fix: str | None = "adain",
@@ -434,8 +473,11 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             image_embeds: RCA tokens (B, N, image_cross_attention_dim) to use instead of DAPE's.
             upscale / process_size: scale factor (any >= 1) and the original's small-input rule.
             num_inference_steps / guidance_scale / conditioning_scale: sampling; CFG is on when guidance_scale > 1.
+                None (also for latent_tile_overlap): the folder's ``sampling_defaults`` (SeeSR-Turbo: 2 steps,
+                guidance 1, overlap 32), else the original's 50 steps, guidance 5.5, overlap 16.
             start_point / start_timestep: ``"lr"`` noises the LQ latent to ``start_timestep`` (None: the first
-                step); ``"noise"`` starts from pure noise.
+                step; schedulers other than DDPM / DDIM always start at their first step, in their own sample
+                space); ``"noise"`` starts from pure noise (scaled by the scheduler's ``init_noise_sigma``).
             generator: one generator, or one per output image (then a batch equals separate runs).
             latent_tile_size / latent_tile_overlap: latent tiling (None disables); vae_tile_size: VAE tiling in
                 pixels (None disables). upcast_vae: run the VAE in float32 (avoids fp16 NaNs).
@@ -443,6 +485,9 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             callback_on_step_end: ``fn(pipe, step, timestep, {name: tensor})`` -> dict that may replace ``latents``.
         """
         # 1. Check inputs.
+        num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
+        guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
+        latent_tile_overlap = self.sampling_default("latent_tile_overlap", latent_tile_overlap)
         images = self._as_list(image)
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
         tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
@@ -486,7 +531,8 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             lq, sizes = lq.repeat_interleave(repeats, dim=0), [s for s in sizes for _ in range(repeats)]
         # embeds are [negatives; positives]; one copy of the LQ and the DAPE tokens serves both halves (the denoiser
         # repeats them per tile, so no doubled full-resolution condition is kept).
-        cond = SeeSRCondition(embeds, lq.to(self.unet.dtype), image_embeds)
+        cache = {} if self.cache_control_embedding else None
+        cond = SeeSRCondition(embeds, lq.to(self.unet.dtype), image_embeds, embedding_cache=cache)
 
         # 4. Timesteps and the starting latents.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
@@ -495,7 +541,8 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             lq, timesteps, start_point, start_timestep, generator, vae_tile_size, upcast_vae
         )
 
-        # 5. Denoise.
+        # 5. Denoise. Each scheduler gets only the keyword arguments its step() accepts (e.g. generator).
+        step_kwargs = {"generator": generator} if _accepts(self.scheduler.step, "generator") else {}
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -506,14 +553,14 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
                 if do_cfg:
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
-                latents = self.scheduler.step(noise_pred, t, latents, generator=generator, return_dict=False)[0]
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False, **step_kwargs)[0]
                 if callback_on_step_end is not None:
                     outputs = callback_on_step_end(self, i, t, {"latents": latents})
                     latents = outputs.pop("latents", latents)
                 progress.update()
 
         # 6. Decode, colour-fix, resize.
-        del cond, embeds
+        del cond, embeds, cache
         if output_type == "latent":
             result = latents
         else:
@@ -524,6 +571,11 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         if not return_dict:
             return result, prompts_used
         return SeeSRPipelineOutput(images=result, prompts=prompts_used)
+
+
+def _accepts(function: Callable, name: str) -> bool:
+    parameters = inspect.signature(function).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _posterior_generator(generator):

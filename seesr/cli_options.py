@@ -27,7 +27,7 @@ TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "b
 HIDDEN_ALIASES: frozenset[str] = frozenset({"--output-dir", "--out-dir", "--out"})
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Shows every default (not for on/off flags) and hides the compatibility aliases."""
 
     def _format_action_invocation(self, action: argparse.Action) -> str:

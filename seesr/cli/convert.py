@@ -5,6 +5,7 @@ Inputs, unchanged as released:
 - the SeeSR folder with unet/ and controlnet/ (config.json with "use_image_cross_attention": true);
 - optionally DAPE: ram_swin_large_14m.pth + DAPE.pth + ram_tag_list.txt + ram_tag_list_threshold.txt.
 The scheduler is DDPM with the SD2 scheduler config, as the original ``test_seesr.py``.
+With ``--sd-turbo`` (instead of ``--sd``) it writes a SeeSR-Turbo folder instead (see ``seesr.cli.convert_turbo``).
 """
 
 from __future__ import annotations
@@ -189,6 +190,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     inputs = parser.add_argument_group("released files")
     inputs.add_argument("--sd", help="Stable Diffusion 2 base: diffusers folder or hub id")
     inputs.add_argument("--seesr", type=Path, help="released SeeSR folder with unet/ and controlnet/")
+    inputs.add_argument(
+        "--sd-turbo",
+        help="SD-Turbo folder or hub id (instead of --sd): writes a SeeSR-Turbo folder (2 steps, no CFG)",
+    )
     inputs.add_argument("--ram", type=Path, help="ram_swin_large_14m.pth (adds the DAPE prompt extractor)")
     inputs.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
     inputs.add_argument("--tag-list", type=Path, help="ram_tag_list.txt")
@@ -208,11 +213,21 @@ def run(args: argparse.Namespace) -> int:
             logger.error("DAPE conversion needs %s as well", ", ".join(missing))
             return 2
         dape = DAPEFiles(args.ram, args.dape, args.tag_list, args.tag_thresholds)
-    if (args.sd is None) != (args.seesr is None) or (args.sd is None and dape is None):
+    sd_turbo = getattr(args, "sd_turbo", None)
+    if sd_turbo is not None and (args.sd is not None or args.seesr is None):
+        logger.error("--sd-turbo needs --seesr and replaces --sd (a SeeSR-Turbo pipeline folder)")
+        return 2
+    if sd_turbo is None and ((args.sd is None) != (args.seesr is None) or (args.sd is None and dape is None)):
         logger.error("give --sd and --seesr (a SeeSR pipeline folder), --ram ... alone (a DAPE folder), or both")
         return 2
     try:
-        if args.sd is None:
+        if sd_turbo is not None:
+            from .convert_turbo import convert_seesr_turbo
+
+            convert_seesr_turbo(
+                sd_turbo, args.seesr, args.output, dape=dape, dtype=args.dtype, overwrite=args.overwrite
+            )
+        elif args.sd is None:
             convert_dape(dape, args.output, overwrite=args.overwrite)
         else:
             convert_seesr(args.sd, args.seesr, args.output, dape=dape, dtype=args.dtype, overwrite=args.overwrite)

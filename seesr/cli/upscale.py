@@ -26,21 +26,16 @@ from seesr.cli_options import (
     number,
     torch_dtype,
 )
+from pipelines.presets import PRESETS, SCHEDULERS, preset_table
 
 logger = logging.getLogger(__name__)
 
-SCHEDULERS = {
-    "ddpm": "DDPMScheduler",
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "unipc": "UniPCMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-}
 FORMATS = ("png", "jpg", "webp", "tif", "bmp")
 #: SeeSR-only options: argparse default None ("not given"); the value used when given for SeeSR or not given.
+#: None for steps / guidance: the folder's stored defaults (50 / 5.5, or SeeSR-Turbo's 2 / 1.0).
 SEESR_DEFAULTS = {
-    "steps": 50,
-    "guidance_scale": 5.5,
+    "steps": None,
+    "guidance_scale": None,
     "conditioning_scale": 1.0,
     "process_size": 512,
     "color_fix": "adain",
@@ -53,6 +48,7 @@ SEESR_DEFAULTS = {
     "num_samples": 1,
     "upcast_vae": None,
     "seed": 42,
+    "compile": None,
 }
 TGSR_UPSCALES = (2, 4, 8, 16)
 
@@ -95,13 +91,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     model.add_argument("--negative-prompt", help="SeeSR negative prompt (default: the original's)")
     model.add_argument("--added-prompt", help="SeeSR text appended to every prompt (default: the original's)")
+    model.add_argument(
+        "--preset",
+        choices=list(PRESETS),
+        help="a documented set of settings (table below; explicit options override it; turbo and onestep need "
+        "their converted folders)",
+    )
+    parser.epilog = "presets:\n" + preset_table()
 
     sampling = parser.add_argument_group("sampling (SeeSR only, except --upscale)")
     sampling.add_argument("--upscale", type=number(float, 1), default=4, help="scale factor (TGSR: 2, 4, 8 or 16)")
-    sampling.add_argument("--steps", type=number(int, 1), help="denoising steps (default: 50)")
-    sampling.add_argument("--guidance-scale", type=number(float, 0), help="CFG scale (default: 5.5)")
+    sampling.add_argument(
+        "--steps", type=number(int, 1), help="denoising steps (default: the folder's, 50; SeeSR-Turbo's 2)"
+    )
+    sampling.add_argument(
+        "--guidance-scale", type=number(float, 0), help="CFG scale (default: the folder's, 5.5; SeeSR-Turbo's 1)"
+    )
     sampling.add_argument("--conditioning-scale", type=number(float, 0), help="ControlNet scale (default: 1.0)")
-    sampling.add_argument("--scheduler", choices=list(SCHEDULERS), help="sampler (default: the model's, DDPM)")
+    sampling.add_argument(
+        "--scheduler",
+        choices=list(SCHEDULERS),
+        help="sampler (default: the model's, DDPM): " + ", ".join(f"{k} = {v[2]}" for k, v in SCHEDULERS.items()),
+    )
     sampling.add_argument(
         "--start-point", choices=["lr", "noise"], help="start from the noised LR latent or pure noise (default: lr)"
     )
@@ -143,8 +154,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     performance = parser.add_argument_group("performance")
-    add_dtype(performance)
+    add_dtype(performance, default=None, help="model precision (default: fp32, or the preset's)")
     add_device(performance, "torch device (default: cuda if available, else cpu; accelerate's under launch)")
+    performance.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="SeeSR: torch.compile the UNet and ControlNet (slow first image, results equal to rounding)",
+    )
     performance.add_argument(
         "--upcast-vae",
         action=argparse.BooleanOptionalAction,
@@ -274,21 +291,21 @@ def pipeline_kwargs(kind: str, args: argparse.Namespace) -> dict:
     kwargs = {
         "upscale": args.upscale,
         "process_size": value["process_size"],
-        "num_inference_steps": value["steps"],
-        "guidance_scale": value["guidance_scale"],
         "conditioning_scale": value["conditioning_scale"],
         "color_fix": None if value["color_fix"] == "none" else value["color_fix"],
         "vae_tile_size": None if value["vae_tile_size"] == "off" else value["vae_tile_size"],
         "upcast_vae": args.dtype == "fp16" if value["upcast_vae"] is None else value["upcast_vae"],
         "num_images_per_prompt": value["num_samples"],
     }
+    if value["steps"] is not None:
+        kwargs["num_inference_steps"] = value["steps"]
+    if value["guidance_scale"] is not None:
+        kwargs["guidance_scale"] = value["guidance_scale"]
     for name in ("negative_prompt", "added_prompt", "start_point"):
         if value[name] is not None:
             kwargs[name] = value[name]
-    if args.start_timestep is not None:
+    if args.start_timestep is not None:  # else the pipeline's: 999 for DDPM, the sampler's first step otherwise
         kwargs["start_timestep"] = None if args.start_timestep == "off" else args.start_timestep
-    elif args.scheduler not in (None, "ddpm"):
-        kwargs["start_timestep"] = None  # noise the LR latent to the sampler's own first step
     if args.tile_size is not None:
         kwargs["latent_tile_size"] = None if args.tile_size == "off" else args.tile_size
     if args.tile_overlap is not None:
@@ -443,16 +460,28 @@ def run_jobs(args: argparse.Namespace, model: str, kind: str, jobs: list[tuple],
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))  # set by `accelerate launch --cpu`
     jobs = shard(jobs, state.process_index, state.num_processes)
     device = torch.device(args.device) if args.device else state.device
+    preset = getattr(args, "preset", None)
+    if args.dtype is None:
+        args.dtype = PRESETS[preset].dtype_name(device.type) if preset else "fp32"
     reason = half_on_cpu_warning(args.dtype, device.type)
     if reason:
         logger.warning("%s", reason)
     try:
-        pipe = load_pipeline(model, kind, device, torch_dtype(args.dtype))
-        kwargs = pipeline_kwargs(kind, args)
-        if args.scheduler and kind == "SeeSRPipeline":
-            import diffusers
+        dtype = torch_dtype(args.dtype)
+        pipe = load_pipeline(model, kind, device, dtype)
+        preset_kwargs = {}
+        if preset:
+            from pipelines.presets import apply_preset
 
-            pipe.scheduler = getattr(diffusers, SCHEDULERS[args.scheduler]).from_config(pipe.scheduler.config)
+            preset_kwargs = apply_preset(pipe, preset, dtype=dtype)
+        kwargs = {**preset_kwargs, **pipeline_kwargs(kind, args)}
+        if args.scheduler and kind == "SeeSRPipeline":
+            from pipelines.presets import make_scheduler
+
+            pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
+        if args.compile and kind == "SeeSRPipeline":
+            pipe.unet.compile()
+            pipe.controlnet.compile()
     except (ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0])
         return 1

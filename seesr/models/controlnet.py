@@ -139,19 +139,48 @@ class SeeSRControlNetModel(StrictLoadingMixin, ControlNetModel):
                     target.load_state_dict(source.state_dict(), strict=True)
         return controlnet
 
+    def embed_condition(self, controlnet_cond: torch.Tensor) -> torch.Tensor:
+        """``controlnet_cond_embedding`` of a control image as ``forward`` computes it (``controlnet_cond_embeds``)."""
+        if self.config.controlnet_conditioning_channel_order == "bgr":
+            controlnet_cond = torch.flip(controlnet_cond, dims=[1])
+        return self.controlnet_cond_embedding(controlnet_cond)
+
     def forward(
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | float | int,
         encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
+        controlnet_cond: torch.Tensor | None,
         conditioning_scale: float = 1.0,
         image_encoder_hidden_states: torch.Tensor | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
+        controlnet_cond_embeds: torch.Tensor | None = None,
         **controlnet_kwargs: Any,
     ) -> ControlNetOutput | tuple[tuple[torch.Tensor, ...], torch.Tensor]:
-        """The stock ControlNet forward; ``image_encoder_hidden_states`` feeds RCA (skipped when None)."""
+        """The stock ControlNet forward; ``image_encoder_hidden_states`` feeds RCA (skipped when None).
+
+        ``controlnet_cond_embeds``: the output of ``controlnet_cond_embedding(controlnet_cond)`` computed beforehand
+        (it does not depend on the step, so the pipeline computes it once per image / tile); ``controlnet_cond`` is
+        then ignored. The result is bitwise the same as passing ``controlnet_cond``.
+        """
+        if controlnet_cond_embeds is not None:
+            embedding = self._modules["controlnet_cond_embedding"]
+            self._modules["controlnet_cond_embedding"] = _Given(controlnet_cond_embeds)
+            try:
+                return self.forward(
+                    sample,
+                    timestep,
+                    encoder_hidden_states,
+                    controlnet_cond_embeds,
+                    conditioning_scale=conditioning_scale,
+                    image_encoder_hidden_states=image_encoder_hidden_states,
+                    cross_attention_kwargs=cross_attention_kwargs,
+                    return_dict=return_dict,
+                    **controlnet_kwargs,
+                )
+            finally:
+                self._modules["controlnet_cond_embedding"] = embedding
         return super().forward(
             sample,
             timestep,
@@ -162,3 +191,14 @@ class SeeSRControlNetModel(StrictLoadingMixin, ControlNetModel):
             return_dict=return_dict,
             **controlnet_kwargs,
         )
+
+
+class _Given(nn.Module):
+    """Stands in for ``controlnet_cond_embedding`` during one call: returns the precomputed embedding."""
+
+    def __init__(self, embeds: torch.Tensor):
+        super().__init__()
+        self.embeds = embeds
+
+    def forward(self, _cond: torch.Tensor) -> torch.Tensor:
+        return self.embeds
