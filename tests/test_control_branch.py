@@ -6,6 +6,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
+from seesr.rca import RCA_MODULE_NAME
 from tiny import (
     randomize,
     released_keys,
@@ -17,7 +18,6 @@ from tiny import (
 )
 
 from seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
-from seesr.rca import RCA_MODULE_NAME
 
 
 def stock_config(config: dict) -> dict:

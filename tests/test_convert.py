@@ -123,11 +123,11 @@ def test_missing_and_mismatched_files_are_clear_errors(released, tmp_path, caplo
 
 
 def test_convert_with_dape_and_upscale_writes_tags(released, tmp_path):
+    from seesr.convert import DAPEFiles, convert_seesr
     from test_dape_convert import dape_lora, original_layout
     from tiny_dape import TINY_DAPE_CONFIG, tiny_dape
 
     from dape.convert import convert_ram_checkpoint
-    from seesr.convert import DAPEFiles, convert_seesr
 
     root, _, _ = released
     architecture = {**TINY_DAPE_CONFIG, "projection_dim": 512}  # the SeeSR UNet's RCA width
@@ -181,11 +181,11 @@ def test_convert_with_dape_and_upscale_writes_tags(released, tmp_path):
 
 
 def test_convert_dape_only_folder(tmp_path, caplog):
+    from seesr.convert import DAPEFiles, convert_dape
     from test_dape_convert import original_layout
     from tiny_dape import TINY_DAPE_CONFIG, tiny_dape
 
     from dape import DAPEModel
-    from seesr.convert import DAPEFiles, convert_dape
 
     source = tiny_dape()
     torch.save({"model": original_layout(source)}, tmp_path / "ram.pth")

@@ -10,7 +10,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
 from seesr.degradation import (
     KERNEL_TYPES,
     DegradationConfig,

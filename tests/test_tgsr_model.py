@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tgsr_tiny import BERT_VOCAB, tiny_bert_tokenizer, tiny_model, tiny_text_encoder
-
 from seesr.tgsr import TGSRModel, encode_text, resolve_text_encoder_path
+from tgsr_tiny import BERT_VOCAB, tiny_bert_tokenizer, tiny_model, tiny_text_encoder
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from seesr.config import ConfigError, load_config
+from seesr.train import SeeSRTrainConfig, main, setup_training, training_loss
 from tiny_training import write_dape_folder, write_images, write_lq_image, write_sd2_folder
 
-from seesr.config import ConfigError, load_config
 from seesr.data import ImageFolderDataset, collate
-from seesr.train import SeeSRTrainConfig, main, setup_training, training_loss
 from seesr.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from seesr.config import ConfigError, load_config
 from tiny_training import write_dape_folder, write_images, write_lq_image
 
 from dape.train import DAPETrainConfig, distillation_loss, load_models, main, multistep_lr_scheduler
-from seesr.config import ConfigError, load_config
 from seesr.data import ImageFolderDataset, collate
 from seesr.training import list_checkpoints
 

@@ -26,6 +26,7 @@ from .convert import (
     _dape_model,
     _require,
     _stage_and_rename,
+    check_replaceable,
 )
 
 logger = logging.getLogger(__name__)

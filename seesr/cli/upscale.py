@@ -16,6 +16,7 @@ import json
 import logging
 from pathlib import Path
 
+from pipelines.presets import PRESETS, SCHEDULERS, preset_table
 from seesr.cli_options import (
     add_device,
     add_dtype,
@@ -26,7 +27,6 @@ from seesr.cli_options import (
     number,
     torch_dtype,
 )
-from pipelines.presets import PRESETS, SCHEDULERS, preset_table
 
 logger = logging.getLogger(__name__)
 
