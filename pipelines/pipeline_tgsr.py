@@ -184,12 +184,23 @@ class TGSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        **unused,
     ) -> TGSRPipelineOutput | tuple:
         """Upscale `image` (one image or a list/batch) by `upscale`, guided by `prompt` (one, or one per image).
 
         `tile_size` and `tile_overlap` are in LR pixels; images up to `tile_size` on both sides run in one piece.
-        `generator` is accepted like in every diffusers pipeline; the model is deterministic and draws nothing.
+        `generator` is accepted like in other diffusers pipelines and unused: TGSR is deterministic (no noise),
+        so the same inputs give the same output. Any other keyword (for example `num_inference_steps` or
+        `guidance_scale` of diffusion pipelines) is an error naming it.
         """
+        if unused:
+            raise TypeError(
+                f"TGSRPipeline does not use the option(s) {', '.join(sorted(unused))}: TGSR is a deterministic "
+                "one-pass network; its options are image, prompt, upscale, tile_size, tile_overlap, output_type, "
+                "return_dict and generator (accepted, unused)"
+            )
+        if generator is not None and not isinstance(generator, (torch.Generator, list)):
+            raise TypeError(f"generator: got {type(generator).__name__}, expected a torch.Generator, a list or None")
         # 1. inputs
         images = self.prepare_images(image)
         prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)

@@ -60,7 +60,7 @@ def test_fresh_model_is_bicubic_upscaling(text_stack):
     torch.testing.assert_close(out.sample, out.coarse_sample)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "cross_attention", "both"])
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention", "both", "film", "film_attention"])
 def test_text_changes_the_output_and_padding_does_not(text_stack, fusion):
     model = tiny_model(text_fusion=fusion)
     lq = torch.rand(1, 3, 16, 16)
@@ -75,7 +75,8 @@ def test_text_changes_the_output_and_padding_does_not(text_stack, fusion):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"text_fusion": "film"}, "text_fusion"),
+        ({"text_fusion": "gate"}, "text_fusion"),
+        ({"text_normalization": "l1"}, "text_normalization"),
         ({"upscale_factors": (3,)}, "upscale_factors"),
         ({"upscale_factors": ()}, "upscale_factors"),
         ({"block_out_channels": ()}, "block_out_channels"),
@@ -86,6 +87,20 @@ def test_text_changes_the_output_and_padding_does_not(text_stack, fusion):
 def test_bad_configs_raise(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_model(**overrides)
+
+
+@pytest.mark.parametrize("normalization", ["l2", "none"])
+def test_l2_text_normalization_ignores_the_encoder_scale(text_stack, normalization):
+    """With l2 the fusions see unit-norm sentence features and layer-normed tokens: a rescaled encoder is the same."""
+    model = tiny_model(text_fusion="film_attention", text_normalization=normalization)
+    lq = torch.rand(1, 3, 12, 12)
+    tokens, mask, pooled = text_for(text_stack, ["a red bird on a branch"])
+    base = model(lq, tokens, pooled, mask, upscale=2).sample
+    scaled = model(lq, 5 * tokens, 5 * pooled, mask, upscale=2).sample
+    if normalization == "l2":
+        torch.testing.assert_close(scaled, base, atol=1e-5, rtol=1e-5)
+    else:
+        assert (scaled - base).abs().max() > 1e-3
 
 
 def test_bad_forward_inputs_raise(text_stack):

