@@ -462,30 +462,41 @@ def build_pipeline(parts: OSEDiffParts, unet, vae):
 
 
 def export_models(cfg: OSEDiffTrainConfig, parts: OSEDiffParts, generator_model: OneStepGenerator) -> Path:
-    """Write ``export_dir`` (default ``output_dir``) ``/osediff.pkl`` (the released dict layout) and ``/pipeline``:
-    an OSEDiffPipeline folder built as `seesr convert --osediff` builds one, i.e. fresh float32 SD parts from
-    ``pretrained_model`` with the checkpoint loaded into them."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    from seesr.models.onestep import as_onestep_model, load_osediff_checkpoint, osediff_checkpoint
+    """Write ``export_dir`` (default ``output_dir``) ``/osediff.pkl`` (the released dict layout, float32) and
+    ``/pipeline``: the OSEDiffPipeline folder that `seesr convert --osediff osediff.pkl --sd pretrained_model` writes
+    (byte for byte, it is made by the converter), plus the DAPE model as ``prompt_extractor`` when there is one."""
+    from seesr.convert_osediff import convert_osediff
+    from seesr.image_io import atomic_save_file
+    from seesr.models.onestep import osediff_checkpoint
 
     export_dir = Path(cfg.export_dir or cfg.train.output_dir)
     checkpoint = osediff_checkpoint(generator_model.unet, generator_model.vae)
     checkpoint.state_dict_unet = {k: v.float() for k, v in checkpoint.state_dict_unet.items()}
     checkpoint.state_dict_vae = {k: v.float() for k, v in checkpoint.state_dict_vae.items()}
-    if cfg.export_pkl:
-        from seesr.image_io import atomic_save_file
-
-        atomic_save_file(lambda tmp: torch.save(checkpoint.to_dict(), tmp), export_dir / "osediff.pkl")
-    unet = as_onestep_model(UNet2DConditionModel.from_pretrained(cfg.pretrained_model, subfolder="unet"))
-    vae = as_onestep_model(AutoencoderKL.from_pretrained(cfg.pretrained_model, subfolder="vae"))
-    load_osediff_checkpoint(checkpoint, unet, vae)
-    text_encoder = parts.text_encoder.float()
-    pipe_parts = OSEDiffParts(parts.tokenizer, text_encoder, parts.scheduler, generator_model, None, None,
-                              parts.dape.float() if parts.dape is not None else None, None)  # fmt: skip
-    build_pipeline(pipe_parts, unet.eval(), vae.eval()).save_pretrained(export_dir / "pipeline")
+    pkl = export_dir / "osediff.pkl"
+    atomic_save_file(lambda tmp: torch.save(checkpoint.to_dict(), tmp), pkl)
+    pipeline_dir = convert_osediff(cfg.pretrained_model, pkl, export_dir / "pipeline", overwrite=True)
+    if parts.dape is not None:
+        add_prompt_extractor(pipeline_dir, parts.dape)
+    if not cfg.export_pkl:
+        pkl.unlink()
     logger.info("exported the one-step model to %s (pipeline/%s)", export_dir, ", osediff.pkl" * cfg.export_pkl)
-    return export_dir / "pipeline"
+    return pipeline_dir
+
+
+def add_prompt_extractor(pipeline_dir: Path, dape: nn.Module) -> None:
+    """Store ``dape`` (float32) as the ``prompt_extractor`` of a saved pipeline folder, as save_pretrained would."""
+    import json
+
+    from seesr.image_io import atomic_write_text
+
+    dtype = dape.dtype
+    dape.float().save_pretrained(pipeline_dir / "prompt_extractor", safe_serialization=True)
+    dape.to(dtype)
+    index_path = pipeline_dir / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["prompt_extractor"] = [type(dape).__module__, type(dape).__name__]
+    atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------- validation

@@ -196,21 +196,21 @@ def _trained_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 
 def test_resume_is_exact_and_the_export_reproduces_the_trained_generator(inputs, tmp_path):
-    """3 steps straight vs 1 step + resume to 3 (accumulation 2): identical checkpoints; the export's osediff.pkl
+    """2 steps straight vs 1 step + resume to 2 (accumulation 2): identical checkpoints; the export's osediff.pkl
     and pipeline folder hold exactly the trained tensors."""
     extra = {"train.checkpointing_steps": 1, "train.gradient_accumulation_steps": 2, "train.train_batch_size": 1}
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    main(["--config", str(CONFIG), *overrides(inputs, straight, 3, lpips=True, **extra)])
-    assert [s for s, _ in list_checkpoints(straight)] == [1, 2, 3]
+    main(["--config", str(CONFIG), *overrides(inputs, straight, 2, **extra)])
+    assert [s for s, _ in list_checkpoints(straight)] == [1, 2]
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
-    main(["--config", str(CONFIG), "--resume", "latest", *overrides(inputs, resumed, 3, lpips=True, **extra)])
-    a, b = _trained_tensors(straight / "checkpoint-3"), _trained_tensors(resumed / "checkpoint-3")
+    main(["--config", str(CONFIG), "--resume", "latest", *overrides(inputs, resumed, 2, **extra)])
+    a, b = _trained_tensors(straight / "checkpoint-2"), _trained_tensors(resumed / "checkpoint-2")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resume diverged"
     first = _trained_tensors(straight / "checkpoint-1")
     assert any(not torch.equal(first[k], a[k]) for k in a)  # training moved them
     for name in ("optimizer.bin", "optimizer_1.bin"):
-        assert (straight / "checkpoint-3" / name).is_file()
+        assert (straight / "checkpoint-2" / name).is_file()
 
     # export: osediff.pkl in the released layout with the trained tensors
     from seesr.models.onestep import read_osediff_checkpoint
@@ -222,6 +222,47 @@ def test_resume_is_exact_and_the_export_reproduces_the_trained_generator(inputs,
     for key, value in checkpoint.state_dict_vae.items():
         assert torch.equal(value, generator_state[f"vae.{key}"]), key
     assert len(checkpoint.state_dict_unet) + len(checkpoint.state_dict_vae) == len(generator_state)
+    _check_export(inputs, straight, tmp_path)
+
+
+def _check_export(inputs, out: Path, tmp_path: Path) -> None:
+    """pipeline/ = what `seesr convert --osediff osediff.pkl` writes (byte for byte) + the DAPE prompt extractor;
+    it loads and gives the same images as a pipeline over the trained modules."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from pipelines import OSEDiffPipeline
+    from seesr.convert_osediff import convert_osediff
+    from seesr.osediff_train import build_pipeline, load_trainable_state
+
+    converted = convert_osediff(str(inputs["sd"]), out / "osediff.pkl", tmp_path / "converted")
+    export = out / "pipeline"
+    files = sorted(p.relative_to(converted) for p in converted.rglob("*") if p.is_file())
+    assert files and sorted(p.relative_to(export) for p in export.rglob("*") if p.is_file() and
+                            p.relative_to(export).parts[0] != "prompt_extractor") == files  # fmt: skip
+    for name in files:
+        if name.name != "model_index.json":
+            assert (export / name).read_bytes() == (converted / name).read_bytes(), name
+    index, reference = (json.loads((d / "model_index.json").read_text()) for d in (export, converted))
+    assert index.pop("prompt_extractor") == ["dape.model", "DAPEModel"]
+    assert reference.pop("prompt_extractor")[0] is None
+    assert index == reference
+
+    cfg = tiny_config(inputs, out)
+    parts = setup_training(cfg, "cpu", torch.float32)
+    load_trainable_state(parts.generator, load_file(str(out / "checkpoint-2" / "generator.safetensors")), "ckpt")
+    live = build_pipeline(parts, parts.generator.unet.eval(), parts.generator.vae.eval())
+    loaded = OSEDiffPipeline.from_pretrained(export)
+    from PIL import Image
+
+    image = Image.open(inputs["lq"])
+    results = [
+        pipe(image=image, generator=torch.Generator().manual_seed(0), output_type="pt", process_size=32)
+        for pipe in (live, loaded)
+    ]
+    assert results[0].prompts == results[1].prompts and results[0].prompts[0].endswith(", ,")
+    assert torch.equal(results[0].images, results[1].images)
 
 
 def test_two_processes_train_and_checkpoint(inputs, tmp_path):
