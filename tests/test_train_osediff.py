@@ -183,6 +183,36 @@ def test_each_phase_moves_only_its_parameters(inputs, tmp_path):
         assert _changed(before[name], module) == set(), name
 
 
+def test_seesr_teacher_is_the_real_score(inputs, tmp_path, monkeypatch):
+    """teacher=seesr: the real score is SeeSR's ControlNet + UNet on the LQ ([0, 1]) and its DAPE tokens, with CFG
+    over [negative; positive] prompts; its DAPE also tags the prompts when dape_model is null."""
+    from tiny import tiny_pipeline
+    from tiny_dape import tiny_dape
+
+    import seesr.denoise
+
+    tiny_pipeline(prompt_extractor=tiny_dape()).save_pretrained(tmp_path / "seesr")
+    cfg = tiny_config(inputs, tmp_path, teacher="seesr", teacher_model=tmp_path / "seesr", dape_model="null")
+    parts = setup_training(cfg, "cpu", torch.float32)
+    assert type(parts.real_score.controlnet).__name__ == "SeeSRControlNetModel" and parts.dape is parts.real_score.dape
+    seen = {}
+    original = seesr.denoise.predict_noise
+
+    def spy(unet, controlnet, latents, timestep, cond, conditioning_scale=1.0):
+        seen.update(latents=latents.shape, cond=cond)
+        return original(unet, controlnet, latents, timestep, cond, conditioning_scale)
+
+    monkeypatch.setattr(seesr.denoise, "predict_noise", spy)
+    dataset = ImageFolderDataset(cfg.data.train_data, cfg.data.resolution, seed=0)
+    generator = torch.Generator().manual_seed(0)
+    batch = prepare_batch(parts, collate([dataset[0], dataset[1]]), cfg, generator)
+    terms = generator_loss(parts, parts.generator, parts.fake_score, batch, cfg, generator)
+    assert torch.isfinite(terms["loss_vsd"]) and terms["loss_vsd"] > 0
+    cond = seen["cond"]
+    assert seen["latents"][0] == 4 and cond.prompt_embeds.shape[0] == 4  # CFG halves of a batch of 2
+    assert torch.equal(cond.control_image, batch["lq01"]) and cond.image_embeds.shape[0] == 2
+
+
 # ------------------------------------------------------------------------------------------------ full runs
 
 
