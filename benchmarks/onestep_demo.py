@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 TRAIN_PHOTOS = ["astronaut.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
                 "retina.jpg", "ihc.png", "china.jpg"]  # fmt: skip
 HELD_OUT = ["coffee.png", "flower.jpg"]
-RESOLUTION = 128
+RESOLUTION = 64  # training crop side; held-out GT crops are 128 px (LQ 32 px)
 
 
 def photo(name: str) -> Path:
@@ -58,17 +58,20 @@ def make_data(work: Path) -> tuple[Path, list[Path]]:
     for seed in range(3):
         config = DegradationConfig(usm_sharpen_gt=False)
         folder = work / f"heldout-{seed}"
-        make_pairs([photo(n) for n in HELD_OUT], folder, config, seed=100 + seed, resolution=256, progress=False)
+        make_pairs([photo(n) for n in HELD_OUT], folder, config, seed=100 + seed, resolution=128, progress=False)
         held.append(folder)
     listing = work / "train.txt"
     listing.write_text("\n".join(str(p) for s in range(3) for p in sorted((work / f"train-{s}" / "gt").glob("*"))))
     return listing, held
 
 
-def crops(files: list[Path], n: int, generator: torch.Generator) -> torch.Tensor:
+def load_images(files: list[Path]) -> list[torch.Tensor]:
     from PIL import Image
 
-    images = [torch.from_numpy(np.asarray(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255 for f in files]
+    return [torch.from_numpy(np.array(Image.open(f).convert("RGB"))).permute(2, 0, 1).float() / 255 for f in files]
+
+
+def crops(images: list[torch.Tensor], n: int, generator: torch.Generator) -> torch.Tensor:
     out = []
     for _ in range(n):
         image = images[int(torch.randint(len(images), (), generator=generator))]
@@ -86,14 +89,15 @@ def make_base(work: Path, files: list[Path], vae_steps: int, unet_steps: int) ->
     from seesr.conditioning import encode_prompt
 
     base = work / "tiny-sd"
+    images = load_images(files)
     generator = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=16,
+    vae = AutoencoderKL(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
                         layers_per_block=1, sample_size=RESOLUTION, scaling_factor=0.5)  # fmt: skip
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0)
     for step in range(vae_steps):
-        x = crops(files, 8, generator)
+        x = crops(images, 8, generator)
         posterior = vae.encode(x).latent_dist
         recon = vae.decode(posterior.sample(generator=generator)).sample
         loss = (recon - x).abs().mean() + 1e-6 * posterior.kl().mean()
@@ -105,15 +109,15 @@ def make_base(work: Path, files: list[Path], vae_steps: int, unet_steps: int) ->
     vae.eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_config(SD2_SCHEDULER)
     tokenizer, text_encoder = tiny_tokenizer(), tiny_text_encoder()
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=4, layers_per_block=1, norm_num_groups=8,
-                                sample_size=RESOLUTION // 4)  # fmt: skip
+                                sample_size=RESOLUTION // 2)  # fmt: skip
     empty = encode_prompt(tokenizer, text_encoder, [""] * 8)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0)
     for step in range(unet_steps):
         with torch.no_grad():
-            latents = vae.encode(crops(files, 8, generator)).latent_dist.sample(generator=generator) * 0.5
+            latents = vae.encode(crops(images, 8, generator)).latent_dist.sample(generator=generator) * 0.5
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, 1000, (8,), generator=generator)
         pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=empty).sample
@@ -150,7 +154,7 @@ def evaluate(pipeline_dir: Path, held: list[Path]) -> dict:
             gt = np.asarray(Image.open(folder / "gt" / lq_path.name).convert("RGB"))
             lq = Image.open(lq_path).convert("RGB")
             bicubic = np.asarray(lq.resize(gt.shape[1::-1], Image.BICUBIC))
-            out = pipe(image=lq, upscale=4, process_size=RESOLUTION, generator=torch.Generator().manual_seed(0),
+            out = pipe(image=lq, upscale=4, process_size=128, generator=torch.Generator().manual_seed(0),
                        color_fix=None).images[0]  # fmt: skip
             ours = np.asarray(out.convert("RGB"))
             rows.append({"image": f"{folder.name}/{lq_path.name}", "bicubic": y_psnr(bicubic, gt),
@@ -163,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/onestep-demo"))
     parser.add_argument("--steps", type=int, default=300, help="one-step training steps")
-    parser.add_argument("--base-steps", type=int, nargs=2, default=(400, 300), help="VAE and UNet pre-training")
+    parser.add_argument("--base-steps", type=int, nargs=2, default=(300, 200), help="VAE and UNet pre-training")
     parser.add_argument("--lambda-vsd", type=float, default=1.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -188,8 +192,10 @@ def main() -> None:
     result = evaluate(out / "pipeline", held)
     result |= {"base_minutes": base_time / 60, "train_minutes": train_time / 60, "steps": args.steps}
     (args.work / "result.json").write_text(json.dumps(result, indent=2))
-    print(f"held-out Y-PSNR over {len(result['rows'])} crops: bicubic {result['bicubic']:.2f} dB, one-step "
-          f"{result['onestep']:.2f} dB (base {base_time / 60:.1f} min, one-step training {train_time / 60:.1f} min)")
+    print(
+        f"held-out Y-PSNR over {len(result['rows'])} crops: bicubic {result['bicubic']:.2f} dB, one-step "
+        f"{result['onestep']:.2f} dB (base {base_time / 60:.1f} min, one-step training {train_time / 60:.1f} min)"
+    )
 
 
 if __name__ == "__main__":

@@ -147,7 +147,8 @@ class OneStepGenerator(nn.Module):
     def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: torch.Tensor):
         super().__init__()
         self.unet, self.vae = unet, vae
-        self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
+        # a plain attribute, not a buffer: `.to(dtype=fp16)` must not round the alpha-bar (float32, as the original)
+        self.alphas_cumprod = alphas_cumprod.float().clone()
 
     def forward(self, lq: torch.Tensor, prompt_embeds: torch.Tensor, generator: torch.Generator | None = None):
         from seesr.models.onestep import ONESTEP_TIMESTEP, onestep_x0

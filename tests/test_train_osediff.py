@@ -228,10 +228,12 @@ def _trained_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
 def test_resume_is_exact_and_the_export_reproduces_the_trained_generator(inputs, tmp_path):
     """2 steps straight vs 1 step + resume to 2 (accumulation 2): identical checkpoints; the export's osediff.pkl
     and pipeline folder hold exactly the trained tensors."""
-    extra = {"train.checkpointing_steps": 1, "train.gradient_accumulation_steps": 2, "train.train_batch_size": 1}
+    extra = {"train.checkpointing_steps": 1, "train.gradient_accumulation_steps": 2, "train.train_batch_size": 1,
+             "validation.images": f"[{inputs['lq']}]", "validation.steps": 2}  # fmt: skip
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     main(["--config", str(CONFIG), *overrides(inputs, straight, 2, **extra)])
     assert [s for s, _ in list_checkpoints(straight)] == [1, 2]
+    assert (straight / "validation" / "step-0000002" / "00-lq.png").is_file()  # the real OSEDiffPipeline ran
     resumed.mkdir()
     shutil.copytree(straight / "checkpoint-1", resumed / "checkpoint-1")
     main(["--config", str(CONFIG), "--resume", "latest", *overrides(inputs, resumed, 2, **extra)])
