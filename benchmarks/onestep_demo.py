@@ -52,15 +52,15 @@ def make_data(work: Path) -> tuple[Path, list[Path]]:
     from seesr.pairs import make_pairs
 
     train = [photo(n) for n in TRAIN_PHOTOS]
+    listing = work / "train.txt"
+    held = [work / f"heldout-{seed}" for seed in range(3)]
+    if listing.is_file() and all((folder / "lq").is_dir() for folder in held):
+        return listing, held  # made by an earlier run (make-pairs is deterministic)
     for seed in range(3):
         make_pairs(train, work / f"train-{seed}", DegradationConfig(), seed=seed, resolution=256, progress=False)
-    held = []
-    for seed in range(3):
+    for seed, folder in enumerate(held):
         config = DegradationConfig(usm_sharpen_gt=False)
-        folder = work / f"heldout-{seed}"
         make_pairs([photo(n) for n in HELD_OUT], folder, config, seed=100 + seed, resolution=128, progress=False)
-        held.append(folder)
-    listing = work / "train.txt"
     listing.write_text("\n".join(str(p) for s in range(3) for p in sorted((work / f"train-{s}" / "gt").glob("*"))))
     return listing, held
 
@@ -169,11 +169,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="one-step training steps")
     parser.add_argument("--base-steps", type=int, nargs=2, default=(300, 200), help="VAE and UNet pre-training")
     parser.add_argument("--lambda-vsd", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.time()
     listing, held = make_data(args.work)
     files = [Path(p) for p in listing.read_text().split()]
