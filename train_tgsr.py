@@ -1,6 +1,6 @@
 """Train TGSR: `accelerate launch train_tgsr.py --config configs/tgsr.yaml [key=value ...]`."""
 
-from seesr.tgsr_train import main
+from seesr.training.tgsr import main
 
 if __name__ == "__main__":
     main()

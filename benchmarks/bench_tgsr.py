@@ -23,9 +23,9 @@ import torch
 from PIL import Image
 
 from pipelines.pipeline_tgsr import TGSRPipeline
+from seesr.data.captioned import prepare_package_photos, read_captioned_images
 from seesr.metrics import psnr, ssim
-from seesr.tgsr import default_model_path
-from seesr.tgsr_data import prepare_package_photos, read_captioned_images
+from seesr.models.tgsr import default_model_path
 
 
 def held_out_photos(folder: Path | None) -> list[tuple[str, Image.Image, str]]:

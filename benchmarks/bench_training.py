@@ -1,9 +1,9 @@
 """SeeSR training throughput: samples/s, peak memory and the share of step time spent in the degradation.
 
-Runs the real training step of `seesr.train` (degrade -> DAPE/CLIP/VAE -> ControlNet + UNet -> backward -> AdamW)
-on randomly initialised models written to a temporary SD2-layout folder, for a tiny and a mid-size config (or a
-real Stable Diffusion 2 + DAPE with ``--pretrained_model`` / ``--dape_model``). The degradation time is measured
-inside the same steps by timing `seesr.train.degraded_condition`.
+Runs the real training step of `seesr.training.controlnet` (degrade -> DAPE/CLIP/VAE -> ControlNet + UNet ->
+backward -> AdamW) on randomly initialised models written to a temporary SD2-layout folder, for a tiny and a
+mid-size config (or a real Stable Diffusion 2 + DAPE with ``--pretrained_model`` / ``--dape_model``). The
+degradation time is measured inside the same steps by timing `seesr.training.controlnet.degraded_condition`.
 
     python benchmarks/bench_training.py [--device cuda] [--steps 5] [--configs tiny mid]
 """
@@ -23,11 +23,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's packages (dape included) even when the install predates them
 
-import seesr.train as train_module  # noqa: E402
+import seesr.training.controlnet as train_module  # noqa: E402
 from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG as SD2_SCHEDULER  # noqa: E402
-from seesr.config import load_config  # noqa: E402
-from seesr.data import collate  # noqa: E402
-from seesr.train import SeeSRTrainConfig, setup_training, training_loss  # noqa: E402
+from seesr.data.image_folder import collate  # noqa: E402
+from seesr.training.config import load_config  # noqa: E402
+from seesr.training.controlnet import SeeSRTrainConfig, setup_training, training_loss  # noqa: E402
 
 TOKENIZER = ROOT / "tests" / "fixtures" / "tiny_clip_tokenizer"
 

@@ -48,8 +48,8 @@ def photo(name: str) -> Path:
 
 def make_data(work: Path) -> tuple[Path, list[Path]]:
     """Training GT crops (`make-pairs`, 256 px, one per photo and seed) and held-out (lq, gt) pair folders."""
-    from seesr.degradation import DegradationConfig
-    from seesr.pairs import make_pairs
+    from seesr.data.degradation import DegradationConfig
+    from seesr.data.pairs import make_pairs
 
     train = [photo(n) for n in TRAIN_PHOTOS]
     listing = work / "train.txt"
@@ -184,7 +184,7 @@ def main() -> None:
     files = [Path(p) for p in listing.read_text().split()]
     base = make_base(args.work, files, *args.base_steps)
     base_time = time.time() - start
-    from seesr.osediff_train import main as train_main
+    from seesr.training.osediff import main as train_main
 
     out = args.work / "run"
     train_main(["--config", str(ROOT / "configs" / "osediff.yaml"), f"pretrained_model={base}", "dape_model=null",

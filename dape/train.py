@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from seesr.config import config_to_dict, load_config
-from seesr.degradation import DegradationConfig
-from seesr.training import TrainingArgs
+from seesr.data.degradation import DegradationConfig, degraded_condition
+from seesr.training.config import config_to_dict, load_config, parse_cli
+from seesr.training.loop import TrainingArgs
 
 from .lora import LORA_ALPHA, LORA_RANK, lora_state_dict
 
@@ -130,8 +130,6 @@ def distillation_loss(
     generator: torch.Generator,
 ) -> dict[str, torch.Tensor]:
     """The DAPE loss terms of one batch ``{"gt": (B, 3, H, W) in [0, 1] on the device}``; ``"loss"`` is the total."""
-    from seesr.train import degraded_condition
-
     with torch.no_grad():
         gt, lq = degraded_condition(batch["gt"], cfg.degradation, generator)
         target = teacher(teacher.preprocess(gt))
@@ -149,7 +147,7 @@ def register_lora_hooks(accelerator: Accelerator, student: torch.nn.Module) -> N
     ``dape_model`` on resume."""
     from safetensors.torch import load_file, save_file
 
-    from seesr.training import unwrap
+    from seesr.training.loop import unwrap
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         aligned = len(weights) == len(models)
@@ -203,8 +201,8 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from seesr.data import ImageFolderDataset, collate
-    from seesr.training import (
+    from seesr.data.image_folder import ImageFolderDataset, collate
+    from seesr.training.loop import (
         apply_gradients,
         cast_training_params,
         epoch_batches,
@@ -276,8 +274,6 @@ def train_dape(cfg: DAPETrainConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from seesr.train import parse_cli
-
     config, overrides = parse_cli(
         "Train DAPE (LoRA on RAM) to tag and represent degraded images like clean ones.", argv
     )

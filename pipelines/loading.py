@@ -12,6 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from seesr.compat import import_saved_folder_paths
+
+# Folders saved before the reorganisation by role name `seesr.unet` / `seesr.controlnet` / `seesr.tgsr`.
+import_saved_folder_paths()
+
 
 class InstalledCodeLoaderMixin:
     """For a ``DiffusionPipeline`` subclass: ``_write_loader`` after saving; ``load_config`` reads the entry."""

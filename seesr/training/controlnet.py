@@ -1,0 +1,509 @@
+"""Train SeeSR: `accelerate launch train_controlnet.py --config configs/controlnet.yaml [key=value ...]`.
+
+The ControlNet (with RCA) and the UNet modules named by ``trainable_modules`` (default: the UNet's RCA,
+``image_attentions``) learn to predict the noise (or v) of Stable Diffusion 2 latents of HR crops, conditioned on
+the bicubic-upscaled degraded crop (ControlNet input, [0, 1]), the tag prompt (CLIP, dropped to ``""`` with
+probability ``null_text_ratio``) and DAPE's representation tokens of that LQ image (RCA, never dropped).
+The VAE, the text encoder, DAPE and the rest of the UNet are frozen. Every step degrades the batch on the training
+device with `seesr.data.degradation.degrade`. Validation images come from the real `SeeSRPipeline`; the end of training
+exports a complete pipeline folder (``output_dir/pipeline``, plus ``unet/`` and ``controlnet/``).
+See docs/training_seesr.md.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from seesr.conditioning import encode_prompt
+from seesr.data.degradation import DegradationConfig, degraded_condition
+from seesr.denoise import SeeSRCondition, predict_noise
+from seesr.models.rca import RCA_MODULE_NAME
+from seesr.training.config import config_to_dict, load_config, parse_cli
+from seesr.training.loop import TrainingArgs, epoch_batches, step_generator
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+VAE_SCALE = 8  # Stable Diffusion's VAE downsampling; the real value is checked against the VAE when it loads
+
+
+# ---------------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class DataConfig:
+    """HR training images (random square crops); tags are read from ``NAME.txt`` files when present."""
+
+    train_data: str = ""
+    tags_dir: str | None = None
+    resolution: int = 512
+    random_flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.train_data:
+            raise ValueError("data.train_data: expected a folder or list file of HR images, got ''")
+        if self.resolution < 8 or self.resolution % VAE_SCALE:
+            raise ValueError(f"data.resolution: expected a multiple of {VAE_SCALE} >= 8, got {self.resolution!r}")
+        if self.tags_dir is not None and not Path(self.tags_dir).is_dir():
+            raise ValueError(f"data.tags_dir: {self.tags_dir!r} is not a folder")
+
+
+@dataclass
+class ValidationConfig:
+    """LQ images super-resolved by the real SeeSRPipeline every ``steps`` optimizer steps (none: no validation)."""
+
+    images: list[str] = field(default_factory=list)
+    steps: int = 500
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.5
+    process_size: int = 512
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        missing = [p for p in self.images if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"validation.images: no such file(s) {missing}")
+        for name in ("steps", "num_inference_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"validation.{name}: expected an int >= 1, got {getattr(self, name)!r}")
+        if self.process_size < 8:
+            raise ValueError(f"validation.process_size: expected an int >= 8, got {self.process_size!r}")
+
+
+@dataclass
+class SeeSRTrainConfig:
+    """The SeeSR training config (configs/controlnet.yaml); see docs/training_seesr.md for every key."""
+
+    pretrained_model: str = ""
+    unet_model: str | None = None
+    controlnet_model: str | None = None
+    dape_model: str | None = None
+    trainable_modules: list[str] = field(default_factory=lambda: [RCA_MODULE_NAME])
+    null_text_ratio: float = 0.5
+    zero_init_rca: bool = False
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_data="data/train"))
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train: TrainingArgs = field(default_factory=TrainingArgs)
+    export_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.pretrained_model:
+            raise ValueError("pretrained_model: expected a Stable Diffusion 2 folder (diffusers layout) or hub id")
+        if not 0 <= self.null_text_ratio <= 1:
+            raise ValueError(f"null_text_ratio: expected a float in [0, 1], got {self.null_text_ratio!r}")
+        if any(not m or not isinstance(m, str) for m in self.trainable_modules):
+            raise ValueError(
+                f"trainable_modules: expected non-empty module-name suffixes, got {self.trainable_modules}"
+            )
+        rca = [m for m in self.trainable_modules if RCA_MODULE_NAME in m.split(".")]
+        if self.dape_model is None and rca:
+            raise ValueError(
+                f"trainable_modules={self.trainable_modules}: without dape_model RCA gets no DAPE tokens, so "
+                f"{rca} would get no gradient; set dape_model or remove them from trainable_modules"
+            )
+        if self.data.resolution % self.degradation.scale:
+            raise ValueError(
+                f"data.resolution={self.data.resolution} must be divisible by degradation.scale="
+                f"{self.degradation.scale}"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class FrozenParts:
+    """The frozen components of a SeeSR stack (DAPE optional)."""
+
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    dape: Any | None
+
+
+def load_frozen_parts(cfg: SeeSRTrainConfig) -> FrozenParts:
+    """VAE, CLIP text encoder + tokenizer and scheduler from ``pretrained_model``; DAPE from ``dape_model``."""
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    source = cfg.pretrained_model
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    if cfg.data.resolution % scale:
+        raise ValueError(f"data.resolution={cfg.data.resolution} must be divisible by the VAE's factor {scale}")
+    dape = None
+    if cfg.dape_model is not None:
+        from dape import DAPEModel
+
+        dape = DAPEModel.from_pretrained(cfg.dape_model)
+    parts = FrozenParts(
+        vae=vae,
+        text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
+        scheduler=DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        dape=dape,
+    )
+    for module in (parts.vae, parts.text_encoder, parts.dape):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    return parts
+
+
+def image_cross_attention_dim(parts: FrozenParts) -> int:
+    """Width of the RCA tokens: DAPE's projection dim (512 for the released DAPE; 512 without DAPE)."""
+    return 512 if parts.dape is None else int(parts.dape.config.projection_dim)
+
+
+def load_unet(cfg: SeeSRTrainConfig, token_dim: int):
+    """The SeeSR UNet: a SeeSR ``unet_model`` folder, or ``pretrained_model``'s SD UNet with new RCA modules."""
+    from seesr.models.unet import SeeSRUNet2DConditionModel
+
+    if cfg.unet_model is not None:
+        unet = SeeSRUNet2DConditionModel.from_pretrained(cfg.unet_model)
+    else:
+        unet = SeeSRUNet2DConditionModel.from_sd_unet(
+            cfg.pretrained_model, image_cross_attention_dim=token_dim, zero_init_rca=cfg.zero_init_rca
+        )
+    if unet.config.use_image_cross_attention and unet.config.image_cross_attention_dim != token_dim:
+        raise ValueError(
+            f"unet_model={cfg.unet_model!r}: image_cross_attention_dim={unet.config.image_cross_attention_dim} "
+            f"but dape_model's tokens are {token_dim}-d"
+        )
+    return unet
+
+
+def load_controlnet(cfg: SeeSRTrainConfig, unet):
+    """A SeeSR ControlNet folder (``controlnet_model``) or a copy of the UNet's encoder (RCA included)."""
+    from seesr.models.controlnet import SeeSRControlNetModel
+
+    if cfg.controlnet_model is not None:
+        return SeeSRControlNetModel.from_pretrained(cfg.controlnet_model)
+    return SeeSRControlNetModel.from_unet(unet)
+
+
+def matching_modules(model: torch.nn.Module, suffixes: list[str]) -> dict[str, torch.nn.Module]:
+    """Modules whose (dotted) name ends with one of ``suffixes``; an unmatched suffix is an error."""
+    found = {n: m for n, m in model.named_modules() if n and any(n == s or n.endswith("." + s) for s in suffixes)}
+    for suffix in suffixes:
+        if not any(n == suffix or n.endswith("." + suffix) for n in found):
+            raise ValueError(f"trainable_modules: {suffix!r} matches no module of {type(model).__name__}")
+    return found
+
+
+def mark_trainable(unet, controlnet, cfg: SeeSRTrainConfig, with_tokens: bool) -> None:
+    """Freeze the UNet except ``trainable_modules``; train the ControlNet (minus its RCA when there are no tokens)."""
+    unet.requires_grad_(False)
+    for module in matching_modules(unet, cfg.trainable_modules).values():
+        module.requires_grad_(True)
+    controlnet.requires_grad_(True)
+    if not with_tokens:  # RCA is skipped without DAPE tokens: its weights would never get a gradient
+        for name, module in controlnet.named_modules():
+            if name.endswith(RCA_MODULE_NAME):
+                module.requires_grad_(False)
+
+
+def full_precision_names(unet, cfg: SeeSRTrainConfig) -> set[str]:
+    """UNet parameters kept in float32 under mixed precision: trainable ones and the RCA weights (which may be new
+    and are copied into the export, see `export_models`)."""
+    return {
+        name for name, param in unet.named_parameters() if param.requires_grad or f".{RCA_MODULE_NAME}." in f".{name}"
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- step
+
+
+@torch.no_grad()
+def batch_prompts(
+    parts: FrozenParts, tags: list[str | None], gt: torch.Tensor, null_text_ratio: float, generator: torch.Generator
+) -> list[str]:
+    """Training prompts: the pre-extracted tags, else DAPE's tags of the GT (else ""), each dropped to ""
+    with probability ``null_text_ratio``."""
+    tags = list(tags)
+    untagged = [i for i, t in enumerate(tags) if t is None]
+    if untagged and parts.dape is not None:
+        logits = parts.dape(parts.dape.preprocess(gt[untagged])).logits
+        for i, text in zip(untagged, parts.dape.tags(logits=logits), strict=True):
+            tags[i] = text
+    drop = torch.rand(len(tags), generator=generator, device=generator.device).tolist()
+    return ["" if d < null_text_ratio or t is None else t for d, t in zip(drop, tags, strict=True)]
+
+
+def training_loss(
+    parts: FrozenParts,
+    unet: torch.nn.Module,
+    controlnet: torch.nn.Module,
+    batch: dict[str, Any],
+    cfg: SeeSRTrainConfig,
+    generator: torch.Generator,
+    weight_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The SeeSR loss of one batch ``{"gt": (B, 3, H, W) in [0, 1] on the device, "tags": [str | None]}``: MSE in
+    float32 between the denoiser's prediction and the scheduler's target (epsilon or v)."""
+    gt = batch["gt"]
+    device = gt.device
+    with torch.no_grad():
+        # 1. degrade on the device; the bicubic-upscaled LQ is the ControlNet condition and DAPE's input
+        target_image, control_image = degraded_condition(gt, cfg.degradation, generator)
+        # 2. text and representation embeddings
+        prompts = batch_prompts(parts, batch["tags"], target_image, cfg.null_text_ratio, generator)
+        prompt_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompts, device)
+        image_embeds = None
+        if parts.dape is not None:
+            # As SeeSR's training: bicubic F.interpolate of the upscaled LQ to DAPE's size, clamped, normalised.
+            pixel_values = parts.dape.preprocess(control_image, mode="bicubic")
+            image_embeds = parts.dape(pixel_values, output_logits=False).image_embeds
+        # 3. latents, noise, timesteps
+        posterior = parts.vae.encode(target_image.to(weight_dtype) * 2 - 1).latent_dist
+        latents = posterior.sample(generator=generator).float() * parts.vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        steps = parts.scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (len(latents),), generator=generator, device=device)
+        noisy_latents = parts.scheduler.add_noise(latents, noise, timesteps)
+        prediction_type = parts.scheduler.config.prediction_type
+        if prediction_type == "epsilon":
+            target = noise
+        elif prediction_type == "v_prediction":
+            target = parts.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"scheduler prediction_type={prediction_type!r}: expected epsilon or v_prediction")
+    # 4. ControlNet then UNet, through the function the pipeline uses
+    cond = SeeSRCondition(prompt_embeds.to(weight_dtype), control_image, image_embeds)
+    prediction = predict_noise(unet, controlnet, noisy_latents.to(weight_dtype), timesteps, cond)
+    return F.mse_loss(prediction.float(), target.float(), reduction="mean")
+
+
+# ---------------------------------------------------------------------------------------------------- loop helpers
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+
+
+def build_pipeline(parts: FrozenParts, unet, controlnet):
+    """The real SeeSRPipeline over these modules (DDPM sampling, as SeeSR)."""
+    from diffusers import DDPMScheduler
+
+    from pipelines import SeeSRPipeline
+
+    return SeeSRPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        controlnet=controlnet,
+        scheduler=DDPMScheduler.from_config(parts.scheduler.config),
+        prompt_extractor=parts.dape,
+    )
+
+
+@torch.no_grad()
+def log_validation(accelerator: Accelerator, cfg: SeeSRTrainConfig, parts: FrozenParts, models, step: int) -> list:
+    """Super-resolve ``validation.images`` with the modules being trained; save PNGs, log them to TensorBoard."""
+    import numpy as np
+
+    from seesr.image_io import load_image
+    from seesr.training.loop import unwrap
+
+    unet, controlnet = (unwrap(accelerator, m) for m in models)
+    was_training = controlnet.training
+    unet.eval()
+    controlnet.eval()
+    pipe = build_pipeline(parts, unet, controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    val = cfg.validation
+    folder = Path(cfg.train.output_dir) / "validation" / f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for i, path in enumerate(val.images):
+        generator = torch.Generator(device=accelerator.device).manual_seed(val.seed)
+        with accelerator.autocast():
+            image = pipe(
+                image=[load_image(path).rgb],
+                upscale=cfg.degradation.scale,
+                process_size=val.process_size,
+                num_inference_steps=val.num_inference_steps,
+                guidance_scale=val.guidance_scale,
+                generator=generator,
+                output_type="pil",
+            ).images[0]
+        image.save(folder / f"{i:02d}-{Path(path).stem}.png")
+        results.append(image)
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for i, image in enumerate(results):
+                tracker.log_images({f"validation/{i:02d}": np.asarray(image)[None]}, step, dataformats="NHWC")
+    logger.info("step %d: %d validation image(s) written to %s", step, len(results), folder)
+    if was_training:
+        unet.train()
+        controlnet.train()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def export_models(cfg: SeeSRTrainConfig, unet, controlnet) -> Path:
+    """Write ``export_dir`` (default ``output_dir``) ``/pipeline`` (a complete SeeSRPipeline folder), ``/unet`` and
+    ``/controlnet`` in float32. The frozen parts are reloaded from their sources in float32 (training may hold them
+    in fp16/bf16); the UNet gets the trained and RCA weights copied in."""
+    export_dir = Path(cfg.export_dir or cfg.train.output_dir)
+    parts = load_frozen_parts(cfg)
+    final_unet = load_unet(cfg, image_cross_attention_dim(parts))
+    keep = full_precision_names(unet, cfg)
+    trained = dict(unet.named_parameters())
+    with torch.no_grad():
+        for name, param in final_unet.named_parameters():
+            if name in keep:
+                param.copy_(trained[name].float())
+    controlnet = controlnet.float()
+    final_unet.save_pretrained(export_dir / "unet")
+    controlnet.save_pretrained(export_dir / "controlnet")
+    build_pipeline(parts, final_unet, controlnet).save_pretrained(export_dir / "pipeline")
+    logger.info("exported SeeSR to %s (pipeline/, unet/, controlnet/)", export_dir)
+    return export_dir / "pipeline"
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingSetup:
+    """What `setup_training` builds: the frozen parts and the trainable UNet and ControlNet (on the device)."""
+
+    parts: FrozenParts
+    unet: torch.nn.Module
+    controlnet: torch.nn.Module
+    weight_dtype: torch.dtype
+    unet_trains: bool
+
+
+def setup_training(cfg: SeeSRTrainConfig, device: torch.device | str, weight_dtype: torch.dtype) -> TrainingSetup:
+    """Load every model, freeze what is frozen, place it on ``device``: frozen weights in ``weight_dtype``,
+    trainable weights (and the UNet's RCA) in float32."""
+    from seesr.training.loop import cast_training_params
+
+    parts = load_frozen_parts(cfg)
+    unet = load_unet(cfg, image_cross_attention_dim(parts))
+    controlnet = load_controlnet(cfg, unet)
+    mark_trainable(unet, controlnet, cfg, with_tokens=parts.dape is not None)
+    keep = full_precision_names(unet, cfg)
+    for module in (unet, parts.vae, parts.text_encoder, parts.dape):
+        if module is not None:
+            module.to(device) if weight_dtype == torch.float32 else module.to(device, dtype=weight_dtype)
+    for name, param in unet.named_parameters():
+        if name in keep:
+            param.data = param.data.float()
+    controlnet.to(device)
+    cast_training_params([unet, controlnet], torch.float32)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        controlnet.enable_gradient_checkpointing()
+    unet.train()
+    controlnet.train()
+    unet_trains = any(p.requires_grad for p in unet.parameters())
+    return TrainingSetup(parts, unet, controlnet, weight_dtype, unet_trains)
+
+
+def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
+    """Train (or resume) SeeSR as configured; returns the exported pipeline folder."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    from seesr.data.image_folder import ImageFolderDataset, collate
+    from seesr.training.loop import (
+        apply_gradients,
+        count_parameters,
+        finish_step,
+        frozen_weight_dtype,
+        make_accelerator,
+        make_lr_scheduler,
+        make_optimizer,
+        register_save_load_hooks,
+        resume_step,
+        trainable_parameters,
+        unwrap,
+        write_resolved_config,
+    )
+
+    args = cfg.train
+    # 1. accelerator, models, data
+    accelerator = make_accelerator(args, "seesr-controlnet", config=config_to_dict(cfg))
+    write_resolved_config(cfg, args.output_dir, accelerator)
+    weight_dtype = frozen_weight_dtype(accelerator)
+    setup = setup_training(cfg, accelerator.device, weight_dtype)
+    parts, unet, controlnet = setup.parts, setup.unet, setup.controlnet
+    trained = {"controlnet": controlnet, **({"unet": unet} if setup.unet_trains else {})}
+    register_save_load_hooks(accelerator, trained)
+    dataset = ImageFolderDataset(
+        cfg.data.train_data, cfg.data.resolution, cfg.data.random_flip, cfg.data.tags_dir, seed=args.seed or 0
+    )
+    untagged = sum(dataset.tag_file(path) is None for path in dataset.files)
+    if untagged:
+        how = "tagged on the fly by DAPE (from the GT)" if parts.dape is not None else "trained with an empty prompt"
+        logger.warning("%d of %d training images have no tag file: they are %s", untagged, len(dataset), how)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        drop_last=len(dataset) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+    # 2. optimizer and schedule over the ControlNet and the trainable UNet modules
+    params = trainable_parameters(controlnet) + trainable_parameters(unet)
+    optimizer = make_optimizer(params, args)
+    lr_scheduler = make_lr_scheduler(optimizer, args)
+    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
+    models, (optimizer, loader, lr_scheduler) = list(prepared[: len(trained)]), prepared[len(trained) :]
+    controlnet = models[0]
+    unet = models[1] if setup.unet_trains else unet
+    step = resume_step(accelerator, args.output_dir, args.resume)
+    logger.info("SeeSR: %.2f M trainable parameters (ControlNet %.2f M, UNet %.2f M), %d images, step %d",
+                sum(p.numel() for p in params) / 1e6, count_parameters(unwrap(accelerator, controlnet), True) / 1e6,
+                count_parameters(unwrap(accelerator, unet), True) / 1e6, len(dataset), step)  # fmt: skip
+    # 3. loop
+    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+    generator = step_generator(accelerator.device, args.seed, step, accelerator.process_index)
+    batches = epoch_batches(accelerator, loader, step)
+    while step < args.max_train_steps:
+        batch = next(batches)
+        with accelerator.accumulate(*models):
+            with accelerator.autocast():
+                loss = training_loss(parts, unet, controlnet, batch, cfg, generator, weight_dtype)
+            apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        finish_step(accelerator, args, step, {"loss": loss}, lr_scheduler, progress)
+        if cfg.validation.images and (step % cfg.validation.steps == 0 or step == args.max_train_steps):
+            if accelerator.is_main_process:
+                log_validation(accelerator, cfg, parts, (unet, controlnet), step)
+            accelerator.wait_for_everyone()
+    progress.close()
+    # 4. export
+    accelerator.wait_for_everyone()
+    export = Path(cfg.export_dir or args.output_dir) / "pipeline"
+    if accelerator.is_main_process:
+        export = export_models(cfg, unwrap(accelerator, unet), unwrap(accelerator, controlnet))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, overrides = parse_cli("Train SeeSR (ControlNet + RCA) on HR images with on-the-fly degradation.", argv)
+    train_controlnet(load_config(SeeSRTrainConfig, config, overrides))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""Accelerate plumbing shared by every training stage (SeeSR ControlNet, DAPE, TGSR): no model specifics here.
+
+A stage embeds `TrainingArgs` in its config dataclass (as a `train:` block) and writes its own loop, e.g.::
+
+    accelerator = make_accelerator(cfg.train, "seesr-controlnet", config=config_to_dict(cfg))
+    write_resolved_config(cfg, cfg.train.output_dir, accelerator)
+    register_save_load_hooks(accelerator, {"controlnet": controlnet})
+    optimizer = make_optimizer(trainable_parameters(controlnet), cfg.train)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg.train)
+    controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(controlnet, optimizer, loader, lr_scheduler)
+    step = resume_step(accelerator, cfg.train.output_dir, cfg.train.resume)
+    ...  # accumulate / backward / clip / step; then, once per optimizer step:
+    step += 1
+    log_step(accelerator, cfg.train, step, {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]})
+    if step % cfg.train.checkpointing_steps == 0:
+        save_checkpoint(accelerator, cfg.train.output_dir, step, cfg.train.checkpoints_total_limit)
+
+Checkpoints are folders `output_dir/checkpoint-{step}` written by `accelerator.save_state`; every model named in
+`register_save_load_hooks` is stored in it with `save_pretrained` in a subfolder of that name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import shutil
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from seesr.training.config import save_config
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+PARTIAL_SUFFIX = ".partial"
+LRSchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
+@dataclass
+class TrainingArgs:
+    """Settings every training stage shares; embedded in each stage's config as its `train:` block."""
+
+    output_dir: str = "output"
+    seed: int | None = 42
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_train_steps: int = 10_000
+    learning_rate: float = 5e-5
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    lr_scheduler: LRSchedulerName = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float | None = 1.0
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = None
+    resume: str | None = None
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    logging_steps: int = 10
+    gradient_checkpointing: bool = False
+    dataloader_num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps"):
+            _require(name, getattr(self, name), getattr(self, name) >= 1, "an int >= 1")
+        _require("logging_steps", self.logging_steps, self.logging_steps >= 1, "an int >= 1")
+        _require("lr_warmup_steps", self.lr_warmup_steps, self.lr_warmup_steps >= 0, "an int >= 0")
+        _require("dataloader_num_workers", self.dataloader_num_workers, self.dataloader_num_workers >= 0, ">= 0")
+        _require("learning_rate", self.learning_rate, self.learning_rate > 0, "a float > 0")
+        _require("adam_beta1", self.adam_beta1, 0 <= self.adam_beta1 < 1, "a float in [0, 1)")
+        _require("adam_beta2", self.adam_beta2, 0 <= self.adam_beta2 < 1, "a float in [0, 1)")
+        _require("adam_weight_decay", self.adam_weight_decay, self.adam_weight_decay >= 0, "a float >= 0")
+        _require("adam_epsilon", self.adam_epsilon, self.adam_epsilon > 0, "a float > 0")
+        if self.max_grad_norm is not None:
+            _require("max_grad_norm", self.max_grad_norm, self.max_grad_norm > 0, "a float > 0 or None")
+        if self.checkpoints_total_limit is not None:
+            _require("checkpoints_total_limit", self.checkpoints_total_limit, self.checkpoints_total_limit >= 1,
+                     "an int >= 1 or None")  # fmt: skip
+        if not self.output_dir:
+            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+
+
+def _require(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainingArgs.{name} must be {expected}, got {value!r}")
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, int | float | str | bool]:
+    flat: dict[str, int | float | str | bool] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flat_hparams(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)  # tensorboard hparams take scalars only
+    return flat
+
+
+def make_accelerator(args: TrainingArgs, project_name: str, config: Mapping[str, Any] | None = None) -> Accelerator:
+    """An Accelerator for `args`: project dir = output_dir, our own `checkpoint-{step}` naming, trackers, seed.
+
+    `config` (e.g. `config_to_dict(cfg)`) is recorded as the trackers' hyperparameters, flattened to `a.b` keys.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    project_config = ProjectConfiguration(
+        project_dir=str(args.output_dir),
+        logging_dir=str(Path(args.output_dir) / "logs"),
+        automatic_checkpoint_naming=False,
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=project_config,
+        # Shuffle orders are a function of (seed, epoch), not of the global RNG, so that a resumed run skips into
+        # the same order it left (load_state restores the RNG as it was after that epoch's shuffle was drawn).
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    if args.seed is not None:
+        set_seed(args.seed)
+    if args.report_to != "none":
+        accelerator.init_trackers(project_name, config=_flat_hparams(config or {}))
+    logger.info("%s: %d process(es), device %s, mixed precision %s", project_name, accelerator.num_processes,
+                accelerator.device, args.mixed_precision)  # fmt: skip
+    return accelerator
+
+
+def write_resolved_config(cfg: Any, output_dir: str | Path, accelerator: Accelerator | None = None) -> Path:
+    """Write `cfg` (a config dataclass) to `output_dir/config.yaml` on the main process; returns the path."""
+    path = Path(output_dir) / "config.yaml"
+    if accelerator is None or accelerator.is_main_process:
+        save_config(cfg, path)
+        logger.info("resolved config written to %s", path)
+    return path
+
+
+def make_optimizer(params: Iterable[Any], args: TrainingArgs) -> torch.optim.Optimizer:
+    """AdamW (or bitsandbytes' AdamW8bit when `args.use_8bit_adam`) over `params` (tensors or param groups)."""
+    params = list(params)
+    if not params:
+        raise ValueError("params is empty: expected at least one trainable parameter (is everything frozen?)")
+    optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as exc:
+            raise ImportError(
+                "use_8bit_adam=True needs the bitsandbytes package (pip install bitsandbytes); "
+                "set train.use_8bit_adam=false to use torch.optim.AdamW"
+            ) from exc
+        optimizer_cls = bnb.optim.AdamW8bit
+    return optimizer_cls(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def make_lr_scheduler(
+    optimizer: torch.optim.Optimizer, args: TrainingArgs, num_processes: int | None = None
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """`diffusers.optimization.get_scheduler` for `args.lr_scheduler` with warmup, sized in optimizer steps.
+
+    After `accelerator.prepare` the scheduler is stepped once per process for each optimizer step, so warmup and
+    total length are multiplied by `num_processes` (default: the current accelerate state's process count).
+    """
+    from accelerate import PartialState
+    from diffusers.optimization import get_scheduler
+
+    if num_processes is None:
+        num_processes = PartialState().num_processes
+    if num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes!r}")
+    return get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * num_processes,
+        num_training_steps=args.max_train_steps * num_processes,
+    )
+
+
+# ---------------------------------------------------------------- models
+
+
+def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
+    """The dtype for frozen weights under the accelerator's mixed precision (fp16 / bf16 / fp32).
+
+    On CPU the frozen weights stay float32 (autocast only): CPU autocast runs group_norm in the input's dtype, which
+    fails on half weights next to float32 activations.
+    """
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if accelerator.device.type == "cpu" and dtype != torch.float32:
+        logger.info(
+            "mixed precision %s on CPU: frozen weights stay float32 (autocast only)", accelerator.mixed_precision
+        )
+        return torch.float32
+    return dtype
+
+
+def unwrap(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module behind DDP/accelerate wrappers and `torch.compile`."""
+    model = accelerator.unwrap_model(model)
+    return getattr(model, "_orig_mod", model)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters with `requires_grad`, in `model.parameters()` order."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def count_parameters(model: torch.nn.Module, trainable_only: bool = False) -> int:
+    """Number of scalar parameters (only the trainable ones when `trainable_only`)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def cast_training_params(
+    models: torch.nn.Module | Iterable[torch.nn.Module], dtype: torch.dtype = torch.float32
+) -> None:
+    """Cast the trainable parameters of `models` to `dtype` (fp32 master weights under fp16/bf16), in place."""
+    if isinstance(models, torch.nn.Module):
+        models = [models]
+    for model in models:
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(dtype)
+
+
+def register_save_load_hooks(accelerator: Accelerator, models: Mapping[str, torch.nn.Module]) -> None:
+    """Store each named model in checkpoints with `save_pretrained(checkpoint/<name>)`; load via `from_pretrained`.
+
+    `models` maps a subfolder name to a model that will be (or was) passed to `accelerator.prepare` and whose
+    class has `save_pretrained` and `from_pretrained(path, subfolder=...)` (diffusers ModelMixin, transformers
+    PreTrainedModel). Loading copies the weights into the live model with strict key checking. Prepared models
+    not named here are saved by accelerate as usual. Under DeepSpeed/FSDP accelerate saves the weights itself and
+    the subfolders are an extra export.
+    """
+    for name, model in models.items():
+        if not (hasattr(model, "save_pretrained") and hasattr(type(model), "from_pretrained")):
+            raise TypeError(f"models[{name!r}] must have save_pretrained/from_pretrained, got {type(model).__name__}")
+
+    def name_of(model: torch.nn.Module) -> str | None:
+        plain = unwrap(accelerator, model)
+        return next((name for name, target in models.items() if target is plain), None)
+
+    def save_hook(prepared: list[torch.nn.Module], weights: list[dict], output_dir: str) -> None:
+        aligned = len(weights) == len(prepared)  # False under DeepSpeed / FSDP: accelerate saved them already
+        for i in reversed(range(len(prepared))):
+            name = name_of(prepared[i])
+            if name is None:
+                continue
+            if accelerator.is_main_process:
+                unwrap(accelerator, prepared[i]).save_pretrained(Path(output_dir) / name)
+            if aligned:
+                weights.pop(i)
+
+    def load_hook(prepared: list[torch.nn.Module], input_dir: str) -> None:
+        for i in reversed(range(len(prepared))):
+            name = name_of(prepared[i])
+            if name is None:
+                continue
+            target = unwrap(accelerator, prepared.pop(i))
+            if not (Path(input_dir) / name).is_dir():
+                raise FileNotFoundError(
+                    f"{input_dir}: checkpoint has no {name!r} subfolder for {type(target).__name__}"
+                )
+            loaded = type(target).from_pretrained(input_dir, subfolder=name)
+            if hasattr(target, "register_to_config") and hasattr(loaded, "config"):
+                target.register_to_config(**loaded.config)
+            target.load_state_dict(loaded.state_dict(), strict=True)
+            del loaded
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete `checkpoint-N` folders in `output_dir` as (N, path), oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := CHECKPOINT_PATTERN.match(p.name))
+    ]
+    return sorted(found)
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: str | Path, step: int, total_limit: int | None) -> Path:
+    """Save the training state to `output_dir/checkpoint-{step}`. Every process must call this.
+
+    The state is written to `checkpoint-{step}.partial` (collective under DeepSpeed) and renamed when all
+    processes are done, so an interrupted save never looks like a checkpoint. The main process then deletes
+    the oldest checkpoints beyond `total_limit`.
+    """
+    if not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be an int >= 0, got {step!r}")
+    if total_limit is not None and total_limit < 1:
+        raise ValueError(f"total_limit must be an int >= 1 or None, got {total_limit!r}")
+    final = Path(output_dir) / f"checkpoint-{step}"
+    partial = final.with_name(final.name + PARTIAL_SUFFIX)
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        logger.info("saved checkpoint %s", final)
+        if total_limit is not None:
+            for _, old in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info("removing old checkpoint %s (checkpoints_total_limit=%d)", old, total_limit)
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resume_step(accelerator: Accelerator, output_dir: str | Path, resume: str | Path | None) -> int:
+    """Load the state of a checkpoint and return its step (0 when there is nothing to resume).
+
+    `resume` is None (start fresh), "latest" (the highest `output_dir/checkpoint-N`, or step 0 with a log line
+    when there is none) or the path of a `checkpoint-N` folder.
+    """
+    if resume is None:
+        return 0
+    if str(resume) == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info("resume=latest: no checkpoint-N in %s, starting from step 0", output_dir)
+            return 0
+        step, path = checkpoints[-1]
+    else:
+        path = Path(resume)
+        if not path.is_dir():
+            raise FileNotFoundError(f"resume={str(resume)!r}: no such checkpoint folder")
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match is None:
+            raise ValueError(f"resume={str(resume)!r}: expected 'latest' or a folder named checkpoint-<step>")
+        step = int(match.group(1))
+    logger.info("resuming from %s (step %d)", path, step)
+    accelerator.load_state(str(path))
+    return step
+
+
+# ---------------------------------------------------------------- logging
+
+
+def log_step(
+    accelerator: Accelerator, args: TrainingArgs, step: int, logs: Mapping[str, float | torch.Tensor]
+) -> dict[str, float]:
+    """Send `logs` to the trackers at `step`; every `args.logging_steps` also log them on the main process.
+
+    Tensors are converted with `.item()`. Returns the float values (e.g. for a progress bar's postfix).
+    """
+    values = {k: float(v.detach().float().item()) if torch.is_tensor(v) else float(v) for k, v in logs.items()}
+    accelerator.log(values, step=step)
+    if step % args.logging_steps == 0 and accelerator.is_main_process:
+        logger.info("step %d/%d: %s", step, args.max_train_steps, ", ".join(f"{k}={v:.4g}" for k, v in values.items()))
+    return values
+
+
+def epoch_batches(accelerator: Accelerator, loader, step: int) -> Iterator[dict[str, Any]]:
+    """Batches forever, starting where optimizer step ``step`` left off (epoch and position, after a resume)."""
+    accumulation = accelerator.gradient_accumulation_steps
+    epoch, skip = divmod(step * accumulation, max(len(loader), 1))
+    while True:
+        dataset = loader.dataset
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        yield from accelerator.skip_first_batches(loader, skip) if skip else loader
+        epoch, skip = epoch + 1, 0
+
+
+def step_generator(device: torch.device, seed: int | None, step: int, process_index: int) -> torch.Generator:
+    """The generator of every random draw of the step function (degradation, dropout, VAE sample, noise, t)."""
+    return torch.Generator(device=device).manual_seed(((seed or 0) * 1_000_003 + step) * 1_009 + process_index)
+
+
+def apply_gradients(
+    accelerator: Accelerator,
+    loss: torch.Tensor,
+    params: Iterable[torch.nn.Parameter],
+    optimizer,
+    lr_scheduler,
+    max_grad_norm: float | None,
+) -> None:
+    """Backward, clip (on the synchronising micro-batch), optimizer and scheduler step; inside ``accumulate``."""
+    accelerator.backward(loss)
+    if accelerator.sync_gradients and max_grad_norm is not None:
+        accelerator.clip_grad_norm_(params, max_grad_norm)
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def finish_step(
+    accelerator: Accelerator, args: TrainingArgs, step: int, logs: Mapping[str, Any], lr_scheduler, progress
+) -> None:
+    """After optimizer step ``step``: log (with the lr), fail on a non-finite loss, checkpoint when due."""
+    values = log_step(accelerator, args, step, {**logs, "lr": lr_scheduler.get_last_lr()[0]})
+    progress.update(1)
+    progress.set_postfix(loss=f"{values['loss']:.4f}")
+    if not math.isfinite(values["loss"]):
+        raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
+    if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
+        save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
