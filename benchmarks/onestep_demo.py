@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 TRAIN_PHOTOS = ["astronaut.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
                 "retina.jpg", "ihc.png", "china.jpg"]  # fmt: skip
 HELD_OUT = ["coffee.png", "flower.jpg"]
-RESOLUTION = 64  # training crop side; held-out GT crops are 128 px (LQ 32 px)
+RESOLUTION = 32  # training crop side (LQ 8 px); held-out GT crops are 64 px (LQ 16 px)
+HELD_OUT_SIZE = 64
 
 
 def photo(name: str) -> Path:
@@ -60,7 +61,8 @@ def make_data(work: Path) -> tuple[Path, list[Path]]:
         make_pairs(train, work / f"train-{seed}", DegradationConfig(), seed=seed, resolution=256, progress=False)
     for seed, folder in enumerate(held):
         config = DegradationConfig(usm_sharpen_gt=False)
-        make_pairs([photo(n) for n in HELD_OUT], folder, config, seed=100 + seed, resolution=128, progress=False)
+        names = [photo(n) for n in HELD_OUT]
+        make_pairs(names, folder, config, seed=100 + seed, resolution=HELD_OUT_SIZE, progress=False)
     listing.write_text("\n".join(str(p) for s in range(3) for p in sorted((work / f"train-{s}" / "gt").glob("*"))))
     return listing, held
 
@@ -113,8 +115,8 @@ def make_base(work: Path, files: list[Path], vae_steps: int, unet_steps: int) ->
     vae.eval().requires_grad_(False)
     scheduler = DDPMScheduler.from_config(SD2_SCHEDULER)
     tokenizer, text_encoder = tiny_tokenizer(), tiny_text_encoder()
-    unet = UNet2DConditionModel(block_out_channels=(16, 32), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+    unet = UNet2DConditionModel(block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
                                 attention_head_dim=4, layers_per_block=1, norm_num_groups=8,
                                 sample_size=RESOLUTION)  # fmt: skip
     empty = encode_prompt(tokenizer, text_encoder, [""] * 8)
@@ -158,7 +160,7 @@ def evaluate(pipeline_dir: Path, held: list[Path]) -> dict:
             gt = np.asarray(Image.open(folder / "gt" / lq_path.name).convert("RGB"))
             lq = Image.open(lq_path).convert("RGB")
             bicubic = np.asarray(lq.resize(gt.shape[1::-1], Image.BICUBIC))
-            out = pipe(image=lq, upscale=4, process_size=128, generator=torch.Generator().manual_seed(0),
+            out = pipe(image=lq, upscale=4, process_size=HELD_OUT_SIZE, generator=torch.Generator().manual_seed(0),
                        color_fix=None).images[0]  # fmt: skip
             ours = np.asarray(out.convert("RGB"))
             rows.append({"image": f"{folder.name}/{lq_path.name}", "bicubic": y_psnr(bicubic, gt),
