@@ -194,6 +194,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sd-turbo",
         help="SD-Turbo folder or hub id (instead of --sd): writes a SeeSR-Turbo folder (2 steps, no CFG)",
     )
+    inputs.add_argument("--osediff", type=Path, help="released OSEDiff osediff.pkl (with --sd: an OSEDiff folder)")
     inputs.add_argument("--ram", type=Path, help="ram_swin_large_14m.pth (adds the DAPE prompt extractor)")
     inputs.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
     inputs.add_argument("--tag-list", type=Path, help="ram_tag_list.txt")
@@ -201,6 +202,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     output = parser.add_argument_group("output")
     add_output(output, "pipeline (or DAPE) folder to write", aliases=("--output-dir",))
     add_dtype(output, help="dtype of the saved weights")
+    output.add_argument("--fuse-lora", action="store_true", help="OSEDiff: save the LoRA merged into the weights")
     add_overwrite(output, "replace an existing output folder (only an empty one or a saved pipeline/model folder)")
 
 
@@ -213,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error("DAPE conversion needs %s as well", ", ".join(missing))
             return 2
         dape = DAPEFiles(args.ram, args.dape, args.tag_list, args.tag_thresholds)
+    if args.osediff is not None:
+        return _run_osediff(args, dape)
     sd_turbo = getattr(args, "sd_turbo", None)
     if sd_turbo is not None and (args.sd is not None or args.seesr is None):
         logger.error("--sd-turbo needs --seesr and replaces --sd (a SeeSR-Turbo pipeline folder)")
@@ -231,6 +235,28 @@ def run(args: argparse.Namespace) -> int:
             convert_dape(dape, args.output, overwrite=args.overwrite)
         else:
             convert_seesr(args.sd, args.seesr, args.output, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
+    except (ConversionError, ValueError, OSError) as error:
+        logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return 1
+    return 0
+
+
+def _run_osediff(args: argparse.Namespace, dape: DAPEFiles | None) -> int:
+    from .convert_osediff import convert_osediff
+
+    if args.sd is None or args.seesr is not None:
+        logger.error("--osediff needs --sd (Stable Diffusion 2.1 base) and no --seesr")
+        return 2
+    try:
+        convert_osediff(
+            args.sd,
+            args.osediff,
+            args.output,
+            dape,
+            args.dtype,
+            fuse_lora=args.fuse_lora,
+            overwrite=args.overwrite,
+        )
     except (ConversionError, ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         return 1

@@ -1,4 +1,4 @@
-"""Upscale images with a SeeSR or TGSR pipeline folder (default: the embedded TGSR model).
+"""Upscale images with a SeeSR, OSEDiff or TGSR pipeline folder (default: the embedded TGSR model).
 
 Inputs are files, folders (recursive; dotfiles and leftover temporary files skipped) and globs. Each input gets
 an output name, unique across the whole batch, chosen before any work (a.jpg, a.png, a_2.png -> a.png, a_2.png,
@@ -49,6 +49,13 @@ SEESR_DEFAULTS = {
     "upcast_vae": None,
     "seed": 42,
     "compile": None,
+    "size_rule": None,
+}
+#: The SEESR_DEFAULTS options each pipeline class takes (TGSR takes none of them).
+OPTIONS_BY_KIND = {
+    "SeeSRPipeline": frozenset(SEESR_DEFAULTS) - {"size_rule"},
+    "OSEDiffPipeline": frozenset({"process_size", "color_fix", "vae_tile_size", "upcast_vae", "seed", "size_rule"}),
+    "TGSRPipeline": frozenset(),
 }
 TGSR_UPSCALES = (2, 4, 8, 16)
 
@@ -85,7 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
     model = parser.add_argument_group("model")
-    add_model(model, "pipeline folder or hub id (SeeSR or TGSR) (default: the embedded TGSR model)")
+    add_model(
+        model, "pipeline folder or hub id (SeeSR, SeeSR-Turbo, OSEDiff or TGSR) (default: the embedded TGSR model)"
+    )
     model.add_argument(
         "--prompt", default="", help="user prompt (SeeSR: after the DAPE tags; TGSR: the text guide) (default: empty)"
     )
@@ -139,6 +148,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="small-input rule: inputs with a side < process_size / upscale are enlarged first (default: 512)",
     )
     sampling.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="colour fix (default: adain)")
+    sampling.add_argument(
+        "--size-rule",
+        choices=["exact", "original"],
+        help="OSEDiff: 'exact' = upscale x input size; 'original' = the original's (enlarged small inputs, multiples "
+        "of 8, never resized back) (default: exact)",
+    )
 
     tiling = parser.add_argument_group("tiling")
     tiling.add_argument(
@@ -193,7 +208,7 @@ def output_names(files: list[Path], suffix: str, samples: int = 1) -> list[list[
 
 
 def model_kind(model: str) -> str:
-    """`SeeSRPipeline` or `TGSRPipeline`, from the folder's model_index.json (nothing is loaded)."""
+    """`SeeSRPipeline`, `OSEDiffPipeline` or `TGSRPipeline`, from the folder's model_index.json (nothing loaded)."""
     index = Path(model) / "model_index.json"
     if index.is_file():
         try:
@@ -206,20 +221,21 @@ def model_kind(model: str) -> str:
         config = DiffusionPipeline.load_config(model)
     name = config.get("_class_name")
     name = name[1] if isinstance(name, list) else name
-    if name not in ("SeeSRPipeline", "TGSRPipeline"):
-        raise ValueError(f"--model {model}: a {name} folder, expected a SeeSRPipeline or TGSRPipeline folder")
+    if name not in OPTIONS_BY_KIND:
+        raise ValueError(f"--model {model}: a {name} folder, expected a {', '.join(OPTIONS_BY_KIND)} folder")
     return name
 
 
 def check_options(kind: str, args: argparse.Namespace) -> list[str]:
     """Errors for options that do not apply to `kind` (a warning is logged for --seed with TGSR)."""
-    if kind == "SeeSRPipeline":
-        return []
-    given = [name for name in SEESR_DEFAULTS if name != "seed" and getattr(args, name, None) is not None]
+    taken = OPTIONS_BY_KIND[kind]
+    given = [name for name in SEESR_DEFAULTS if name not in taken | {"seed"} and getattr(args, name, None) is not None]
     errors = []
     if given:
         options = ", ".join("--" + name.replace("_", "-") for name in given)
-        errors.append(f"{options}: SeeSR option(s), the TGSR model does not use them")
+        errors.append(f"{options}: not used by a {kind} model")
+    if kind != "TGSRPipeline":
+        return errors
     if args.seed is not None or args.seed_per_image:
         logger.warning("--seed / --seed-per-image: the TGSR model is deterministic; ignored")
     if args.upscale not in TGSR_UPSCALES:
@@ -231,7 +247,7 @@ def output_pixels(size: tuple[int, int], kind: str, args: argparse.Namespace) ->
     """Pixels of the output, or of the working image when larger (SeeSR's small-input rule)."""
     width, height = size
     pixels = int(width * args.upscale) * int(height * args.upscale)
-    if kind == "SeeSRPipeline":
+    if kind != "TGSRPipeline":
         process_size = SEESR_DEFAULTS["process_size"] if args.process_size is None else args.process_size
         min_side = int(process_size // args.upscale)
         if 0 < min(width, height) < min_side:
@@ -265,10 +281,11 @@ def load_pipeline(model: str, kind: str, device, dtype):
     """The pipeline for `model` on `device`; SeeSR's DAPE prompt extractor stays float32, as in the original."""
     import torch
 
-    from pipelines import SeeSRPipeline, TGSRPipeline
+    from pipelines import OSEDiffPipeline, SeeSRPipeline, TGSRPipeline
 
-    if kind == "SeeSRPipeline":
-        pipe = SeeSRPipeline.from_pretrained(model, torch_dtype={"default": dtype, "prompt_extractor": torch.float32})
+    if kind in ("SeeSRPipeline", "OSEDiffPipeline"):
+        cls = SeeSRPipeline if kind == "SeeSRPipeline" else OSEDiffPipeline
+        pipe = cls.from_pretrained(model, torch_dtype={"default": dtype, "prompt_extractor": torch.float32})
     else:
         pipe = TGSRPipeline.from_pretrained(model, torch_dtype=dtype)
     pipe.to(device)
@@ -288,6 +305,21 @@ def pipeline_kwargs(kind: str, args: argparse.Namespace) -> dict:
         name: default if getattr(args, name) is None else getattr(args, name)
         for name, default in SEESR_DEFAULTS.items()
     }
+    if kind == "OSEDiffPipeline":  # one step, no guidance
+        kwargs = {
+            "upscale": args.upscale,
+            "process_size": value["process_size"],
+            "color_fix": None if value["color_fix"] == "none" else value["color_fix"],
+            "vae_tile_size": None if value["vae_tile_size"] == "off" else value["vae_tile_size"],
+            "upcast_vae": args.dtype == "fp16" if value["upcast_vae"] is None else value["upcast_vae"],
+        }
+        if value["size_rule"] is not None:
+            kwargs["size_rule"] = value["size_rule"]
+        if args.tile_size is not None:
+            kwargs["latent_tile_size"] = None if args.tile_size == "off" else args.tile_size
+        if args.tile_overlap is not None:
+            kwargs["latent_tile_overlap"] = args.tile_overlap
+        return kwargs
     kwargs = {
         "upscale": args.upscale,
         "process_size": value["process_size"],
@@ -364,7 +396,7 @@ def upscale_one(pipe, kind, path, targets, index, args, kwargs) -> list[Path]:
     loaded = load_image(path, max_pixels=args.max_pixels)
     prompt = prompt_for(path, args)
     call = dict(kwargs)
-    if kind == "SeeSRPipeline":
+    if kind != "TGSRPipeline":  # SeeSR: all its draws; OSEDiff: the VAE posterior sample
         seed = SEESR_DEFAULTS["seed"] if args.seed is None else args.seed
         call["generator"] = torch.Generator(device="cpu").manual_seed(seed + (index if args.seed_per_image else 0))
     output_type = "np" if loaded.bit_depth == 16 else "pil"

@@ -4,7 +4,8 @@
   logging, seeded data order and per-step generators, the gradient step);
 - `config`: typed YAML configs (dataclasses) with ``key=value`` overrides;
 - `controlnet`: the SeeSR ControlNet (+ RCA) trainer (``train_controlnet.py``);
-- `tgsr`: the TGSR trainer (``train_tgsr.py``).
+- `tgsr`: the TGSR trainer (``train_tgsr.py``);
+- `osediff`: the one-step (OSEDiff) trainer (``train_osediff.py``).
 
 DAPE's trainer lives in `dape.train` and uses only this package's shared modules. The names of the former
 ``seesr.training`` module (`TrainingArgs`, `make_accelerator`, ...) are re-exported lazily from `loop`.
