@@ -11,26 +11,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-from pathlib import Path
+
+from seesr.cli_options import add_device, add_dtype, add_output, number, torch_dtype
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = 'the web demo needs gradio: pip install "seesr[demo]" (or pip install -e ".[demo]" in a checkout)'
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
-    value = _positive_int(text)
+    value = number(int, 1)(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"expected a port number 1-65535, got {text!r}")
     return value
@@ -43,23 +33,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="pipeline folder to offer (repeat for a drop-down); default: the embedded TGSR model",
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=_port, default=7860, help="port (default 7860)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (this machine only)")
+    parser.add_argument("--port", type=_port, default=7860, help="port")
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument(
         "--max-pixels",
-        type=_positive_int,
+        type=number(int, 1),
         default=4_194_304,
-        help="refuse input images with more pixels (default 4194304 = 2048x2048)",
+        help="refuse input images with more pixels (2048x2048)",
     )
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype (default fp32)")
-    parser.add_argument("--output-dir", type=Path, help="keep the session's results here (default: a temp folder)")
+    add_device(parser)
+    add_dtype(parser)
+    add_output(
+        parser,
+        "keep the session's results here (default: a temporary folder)",
+        required=False,
+        aliases=("--output-dir",),
+    )
 
 
 def build(args: argparse.Namespace):
     """(DemoApp, gradio Blocks) for the parsed arguments; raises DemoError for a bad --model."""
-    import torch
 
     from seesr.demo.page import DemoApp
     from seesr.demo.runner import DemoModel
@@ -76,8 +70,8 @@ def build(args: argparse.Namespace):
         if labels[model.label] > 1:
             model.label = f"{model.label} #{labels[model.label]}"
     for model in models:
-        model.device, model.dtype = args.device, getattr(torch, DTYPES[args.dtype])
-    demo = DemoApp(models, max_pixels=args.max_pixels, output_dir=args.output_dir)
+        model.device, model.dtype = args.device, torch_dtype(args.dtype)
+    demo = DemoApp(models, max_pixels=args.max_pixels, output_dir=args.output)
     return demo, demo.build()
 
 
