@@ -1,4 +1,4 @@
-"""Diffusers pipelines of the seesr toolkit: SeeSRPipeline and TGSRPipeline (resolved lazily)."""
+"""Diffusers pipelines of the seesr toolkit: SeeSRPipeline, OSEDiffPipeline and TGSRPipeline (resolved lazily)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
+    "OSEDiffPipeline": "pipelines.pipeline_osediff",
+    "OSEDiffPipelineOutput": "pipelines.pipeline_osediff",
     "SeeSRPipeline": "pipelines.pipeline_seesr",
     "SeeSRPipelineOutput": "pipelines.pipeline_seesr",
     "TGSRPipeline": "pipelines.pipeline_tgsr",

@@ -180,6 +180,8 @@ def convert_dape(dape: DAPEFiles, output_dir: str | Path, overwrite: bool = Fals
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sd", help="Stable Diffusion 2 base: diffusers folder or hub id")
     parser.add_argument("--seesr", type=Path, help="released SeeSR folder with unet/ and controlnet/")
+    parser.add_argument("--osediff", type=Path, help="released OSEDiff osediff.pkl (with --sd: an OSEDiff folder)")
+    parser.add_argument("--fuse-lora", action="store_true", help="OSEDiff: save the LoRA merged into the weights")
     parser.add_argument("-o", "--output-dir", required=True, type=Path, help="pipeline folder to write")
     parser.add_argument("--ram", type=Path, help="ram_swin_large_14m.pth (adds the DAPE prompt extractor)")
     parser.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
@@ -198,6 +200,8 @@ def run(args: argparse.Namespace) -> int:
             logger.error("DAPE conversion needs %s as well", ", ".join(missing))
             return 2
         dape = DAPEFiles(args.ram, args.dape, args.tag_list, args.tag_thresholds)
+    if args.osediff is not None:
+        return _run_osediff(args, dape)
     if (args.sd is None) != (args.seesr is None) or (args.sd is None and dape is None):
         logger.error("give --sd and --seesr (a SeeSR pipeline folder), --ram ... alone (a DAPE folder), or both")
         return 2
@@ -206,6 +210,28 @@ def run(args: argparse.Namespace) -> int:
             convert_dape(dape, args.output_dir, overwrite=args.overwrite)
         else:
             convert_seesr(args.sd, args.seesr, args.output_dir, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
+    except (ConversionError, ValueError, OSError) as error:
+        logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
+        return 1
+    return 0
+
+
+def _run_osediff(args: argparse.Namespace, dape: DAPEFiles | None) -> int:
+    from .convert_osediff import convert_osediff
+
+    if args.sd is None or args.seesr is not None:
+        logger.error("--osediff needs --sd (Stable Diffusion 2.1 base) and no --seesr")
+        return 2
+    try:
+        convert_osediff(
+            args.sd,
+            args.osediff,
+            args.output_dir,
+            dape,
+            args.dtype,
+            fuse_lora=args.fuse_lora,
+            overwrite=args.overwrite,
+        )
     except (ConversionError, ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         return 1

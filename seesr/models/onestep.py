@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (the pipeline loader looks it up here)
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,336 @@
+"""OSEDiff one-step: LoRA surgery, osediff.pkl reading, OSEDiffPipeline against a re-statement of the original."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from tiny import lq_image, tiny_vae, write_sd2_folder
+from tiny_dape import tiny_dape
+from tiny_osediff import original_unet_lists, original_vae_list, reference_osediff, write_osediff_pkl
+
+from pipelines import OSEDiffPipeline
+from pipelines.pipeline_osediff import preprocess_osediff
+from seesr.convert_osediff import convert_osediff
+from seesr.models.onestep import (
+    OSEDiffCheckpointError,
+    add_unet_lora,
+    add_vae_lora,
+    has_lora,
+    load_osediff_checkpoint,
+    onestep_x0,
+    osediff_checkpoint,
+    read_osediff_checkpoint,
+    trainable_parameter_names,
+    unet_lora_target_modules,
+    vae_lora_target_modules,
+)
+
+
+@pytest.fixture(scope="module")
+def released(tmp_path_factory):
+    """A tiny SD2 folder, an osediff.pkl for it in the released layout, and the converted pipeline folder."""
+    root = tmp_path_factory.mktemp("osediff")
+    write_sd2_folder(root / "sd2")
+    pkl = write_osediff_pkl(root / "osediff.pkl", root / "sd2")
+    convert_osediff(str(root / "sd2"), root / "osediff.pkl", root / "pipe")
+    return root, pkl
+
+
+@pytest.fixture(scope="module")
+def pipe(released):
+    root, _ = released
+    return OSEDiffPipeline.from_pretrained(root / "pipe")
+
+
+def sd_models(root):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(root / "sd2" / "unet"), AutoencoderKL.from_pretrained(
+        root / "sd2" / "vae"
+    )
+
+
+# LoRA surgery ----------------------------------------------------------------------------------------------------
+
+
+def test_target_modules_are_the_originals(released):
+    unet, vae = sd_models(released[0])
+    encoder, decoder, others = original_unet_lists(unet)
+    assert unet_lora_target_modules(unet) == {
+        "default_encoder": encoder,
+        "default_decoder": decoder,
+        "default_others": others,
+    }
+    assert vae_lora_target_modules(vae) == original_vae_list(vae)
+    assert "conv_in" in encoder and "conv_out" in decoder and all(n.startswith("mid_block") for n in others)
+    vae_targets = vae_lora_target_modules(vae)
+    assert vae_targets.count("quant_conv") == 10 and "post_quant_conv" not in vae_targets
+    assert not any(n.startswith("decoder.") for n in vae_targets)
+    # Adding adapters afterwards does not change the lists (peft's base_layer names are folded back).
+    add_unet_lora(unet)
+    add_vae_lora(vae)
+    assert unet_lora_target_modules(unet)["default_encoder"] == encoder and vae_lora_target_modules(vae) == vae_targets
+
+
+def test_lora_rank_scale_and_trainable_set(released):
+    from peft.tuners.lora import LoraLayer
+
+    unet, vae = sd_models(released[0])
+    add_unet_lora(unet)
+    add_vae_lora(vae)
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)]
+    assert layers and all(set(m.scaling.values()) == {2.0} and set(m.r.values()) == {4} for m in layers)
+    assert all(set(m.active_adapters) >= set(m.lora_A) for m in layers)
+    assert tuple(unet.conv_in.lora_A["default_encoder"].weight.shape) == (4, 4, 3, 3)
+    assert tuple(unet.conv_in.lora_B["default_encoder"].weight.shape) == (32, 4, 1, 1)
+    trainable = trainable_parameter_names(unet)
+    assert {"conv_in.base_layer.weight", "conv_in.base_layer.bias"} <= set(trainable)
+    assert all("lora" in n or "conv_in" in n for n in trainable)
+    assert not any("decoder" in n for n in trainable_parameter_names(vae))
+
+
+def test_x0_is_the_ddpm_step_at_999():
+    from diffusers import DDPMScheduler
+    from tiny import SD2_SCHEDULER
+
+    scheduler = DDPMScheduler.from_config(SD2_SCHEDULER)
+    scheduler.set_timesteps(timesteps=[999])  # = set_timesteps(1) on diffusers 0.25 (prev_t = -1)
+    generator = torch.Generator().manual_seed(0)
+    sample, eps = (torch.randn(1, 4, 8, 8, generator=generator, dtype=torch.float64) for _ in range(2))
+    stepped = scheduler.step(eps, torch.tensor([999]), sample, generator=generator).prev_sample
+    x0 = onestep_x0(sample, eps, scheduler.alphas_cumprod)
+    assert x0.dtype == torch.float64 and (x0 - stepped).abs().max() < 1e-9  # the step adds 1e-10 x noise
+    half = onestep_x0(sample.half(), eps.half(), scheduler.alphas_cumprod)
+    assert half.dtype == torch.float32  # float32 coefficients promote fp16, as the original's (1,) tensors do
+
+
+# The checkpoint --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoint_round_trip(released):
+    root, pkl = released
+    checkpoint = read_osediff_checkpoint(root / "osediff.pkl")
+    unet, vae = sd_models(root)
+    load_osediff_checkpoint(checkpoint, unet, vae)
+    again = osediff_checkpoint(unet, vae).to_dict()
+    assert list(again) == list(pkl)
+    for key in list(pkl)[:6]:
+        assert again[key] == pkl[key], key
+    for key in ("state_dict_unet", "state_dict_vae"):
+        assert again[key].keys() == pkl[key].keys()
+        assert all(torch.equal(again[key][k], v) for k, v in pkl[key].items())
+
+
+def _broken(pkl: dict, case: str) -> tuple[dict, str]:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in pkl.items()}
+    if case == "missing tensor":
+        del data["state_dict_unet"]["conv_in.base_layer.bias"]
+        return data, "conv_in.base_layer.bias"
+    if case == "unexpected tensor":
+        data["state_dict_vae"]["decoder.conv_in.lora_A.default_encoder.weight"] = torch.zeros(4, 8, 3, 3)
+        return data, "decoder.conv_in.lora_A"
+    if case == "wrong shape":
+        key = "conv_in.lora_A.default_encoder.weight"
+        data["state_dict_unet"][key] = torch.zeros(5, 4, 3, 3)
+        return data, key
+    if case == "missing entry":
+        del data["rank_vae"]
+        return data, "rank_vae"
+    data["step"] = 500  # unexpected entry
+    return data, "step"
+
+
+@pytest.mark.parametrize("case", ["missing tensor", "unexpected tensor", "wrong shape", "missing entry", "extra"])
+def test_checkpoint_is_strict(released, tmp_path, case):
+    root, pkl = released
+    data, named = _broken(pkl, case)
+    torch.save(data, tmp_path / "bad.pkl")
+    with pytest.raises(OSEDiffCheckpointError, match=named.replace(".", r"\.")):
+        load_osediff_checkpoint(tmp_path / "bad.pkl", *sd_models(root))
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("unpickled arbitrary code",))
+
+
+def test_checkpoint_is_loaded_safely(tmp_path, capsys):
+    with open(tmp_path / "evil.pkl", "wb") as handle:
+        pickle.dump({"rank_unet": _Payload()}, handle)
+    with pytest.raises(OSEDiffCheckpointError, match="not a loadable OSEDiff checkpoint"):
+        read_osediff_checkpoint(tmp_path / "evil.pkl")
+    assert "unpickled" not in capsys.readouterr().out
+
+
+# The pipeline ----------------------------------------------------------------------------------------------------
+
+
+def _np(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [(16, 16), (11, 18)])  # (11, 18): small-input rule and a LANCZOS crop to x8
+def test_matches_the_original_in_float64(released, size):
+    root, _ = released
+    dape = tiny_dape(seed=2)
+    image = lq_image(*size, seed=4)
+    expected = reference_osediff(root / "sd2", root / "osediff.pkl", image, seed=7, prompt="a cat", dape=dape)
+    pipe = OSEDiffPipeline.from_pretrained(root / "pipe")
+    pipe.prompt_extractor = dape  # a component added after loading, as a user would
+    pipe.to(dtype=torch.float64)
+    pipe.prompt_extractor.to(torch.float32)
+    kwargs = {"prompt": "a cat", "process_size": 64, "size_rule": "original"}
+    out = pipe(image, generator=torch.Generator().manual_seed(7), output_type="pt", color_fix=None, **kwargs)
+    assert out.prompts == [expected["prompt"]] and expected["prompt"].count(",") >= 2  # tags, prompt,
+    assert out.images.dtype == torch.float64
+    assert (out.images - (expected["decoded"] * 0.5 + 0.5)).abs().max() < 1e-8
+    for method in ("adain", None):
+        pil = pipe(image, generator=torch.Generator().manual_seed(7), color_fix=method, **kwargs).images[0]
+        assert pil.size == expected["input_size"]
+        assert np.array_equal(_np(pil), expected["adain" if method else "nofix"])
+    # generator=None draws from the global RNG, like the original.
+    torch.manual_seed(7)
+    pil = pipe(image, color_fix="adain", **kwargs).images[0]
+    assert np.array_equal(_np(pil), expected["adain"])
+
+
+def test_size_rules(pipe):
+    image = lq_image(11, 18, seed=1)
+    assert preprocess_osediff(image, 4, 64)[0].shape == (3, 104, 64)  # 16x26 -> 64x104 (already x8)
+    image = lq_image(11, 17, seed=1)
+    lq, exact = preprocess_osediff(image, 4, 64)
+    assert lq.shape == (3, 96, 64) and exact == (44, 68)  # 16x24.7 -> 16x24 -> 64x96
+    original = pipe(image, process_size=64, size_rule="original", generator=torch.Generator().manual_seed(0))
+    default = pipe(image, process_size=64, generator=torch.Generator().manual_seed(0))
+    assert original.images[0].size == (64, 96) and default.images[0].size == (44, 68)
+    assert np.array_equal(_np(default.images[0]), _np(original.images[0].resize((44, 68), 3)))  # 3: bicubic
+    tensor = pipe(image, process_size=64, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert tensor.shape == (1, 3, 68, 44)
+
+
+def test_generator_batch_and_callback(pipe):
+    images = [lq_image(16, 16, seed=1), lq_image(16, 16, seed=2)]
+    run = lambda img, g, **kw: pipe(img, process_size=64, output_type="np", generator=g, **kw).images  # noqa: E731
+    a, b = (run(images[0], torch.Generator().manual_seed(s)) for s in (0, 0))
+    c = run(images[0], torch.Generator().manual_seed(1))
+    assert np.array_equal(a, b) and np.abs(a - c).max() > 1e-4
+    generators = [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
+    batch = run(images, generators)
+    singles = [run(img, torch.Generator().manual_seed(s)) for img, s in zip(images, (10, 11), strict=True)]
+    assert np.abs(batch - np.concatenate(singles)).max() < 1e-5
+    seen = []
+
+    def callback(p, step, timestep, tensors):
+        seen.append((step, int(timestep), tuple(tensors["latents"].shape)))
+        return {"latents": tensors["latents"] * 0}
+
+    zeroed = run(images[0], torch.Generator().manual_seed(0), callback_on_step_end=callback)
+    assert seen == [(0, 999, (1, 4, 8, 8))] and np.abs(zeroed - a).max() > 1e-3
+
+
+def test_tiling_bounds_the_model_inputs(pipe):
+    shapes = {"unet": [], "encoder": [], "decoder": []}
+    hooks = [
+        pipe.unet.register_forward_pre_hook(lambda m, args: shapes["unet"].append(tuple(args[0].shape[-2:]))),
+        pipe.vae.encoder.register_forward_pre_hook(lambda m, args: shapes["encoder"].append(tuple(args[0].shape))),
+        pipe.vae.decoder.register_forward_pre_hook(lambda m, args: shapes["decoder"].append(tuple(args[0].shape))),
+    ]
+    try:
+        image = lq_image(48, 40, seed=3)
+        kwargs = {"process_size": 64, "output_type": "np", "color_fix": None, "size_rule": "original"}
+        tiled = pipe(image, generator=torch.Generator().manual_seed(0), latent_tile_size=12, latent_tile_overlap=4,
+                     vae_tile_size=64, **kwargs).images  # fmt: skip
+        counts = {k: len(v) for k, v in shapes.items()}
+        whole = pipe(image, generator=torch.Generator().manual_seed(0), latent_tile_size=None, vae_tile_size=None,
+                     **kwargs).images  # fmt: skip
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert tiled.shape == whole.shape == (1, 160, 192, 3)
+    assert counts["unet"] > 1 and all(max(s) <= 12 for s in shapes["unet"][: counts["unet"]])
+    assert counts["encoder"] > 1 and all(max(s[-2:]) <= 64 for s in shapes["encoder"][: counts["encoder"]])
+    assert counts["decoder"] > 1 and all(max(s[-2:]) <= 8 for s in shapes["decoder"][: counts["decoder"]])
+    assert np.abs(tiled - whole).mean() < 0.1 and np.abs(tiled - whole).max() > 0  # blended tiles differ a little
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"upscale": 0.5}, "upscale"),
+        ({"color_fix": "median"}, "color_fix"),
+        ({"output_type": "jpg"}, "output_type"),
+        ({"size_rule": "nearest"}, "size_rule"),
+        ({"latent_tile_size": 16, "latent_tile_overlap": 16}, "latent_tile_overlap"),
+        ({"vae_tile_size": 8}, "vae_tile_size"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, "generator"),
+        ({"image": torch.zeros(4, 16, 16)}, "image"),
+    ],
+)
+def test_check_inputs(pipe, kwargs, message):
+    kwargs = {"image": lq_image(16, 16), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        pipe(process_size=64, **kwargs)
+
+
+# Saving, loading, fusing -----------------------------------------------------------------------------------------
+
+
+def test_fused_and_unfused_agree_and_round_trip(released, pipe, tmp_path):
+    root, _ = released
+    assert has_lora(pipe.unet) and has_lora(pipe.vae)
+    unet_files = sorted(p.name for p in (root / "pipe" / "unet").iterdir())
+    assert unet_files == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "onestep_lora.json",
+        "onestep_lora.safetensors",
+    ]
+    assert json.loads((root / "pipe" / "model_index.json").read_text())["unet"][1] == "OneStepUNet2DConditionModel"
+    run = lambda p: p(lq_image(16, 16), process_size=64, output_type="pt", generator=torch.Generator().manual_seed(0))  # noqa: E731
+    unfused = run(pipe).images
+    fused_pipe = OSEDiffPipeline.from_pretrained(root / "pipe", fuse_lora=True)
+    assert not has_lora(fused_pipe.unet) and not has_lora(fused_pipe.vae)
+    fused = run(fused_pipe).images
+    assert 0 < (fused - unfused).abs().max() < 1e-5
+    # A fused pipeline saves a plain diffusers UNet / VAE; reloading it gives the same images.
+    fused_pipe.save_pretrained(tmp_path / "fused")
+    assert not list((tmp_path / "fused").rglob("onestep_lora*"))
+    assert torch.equal(run(OSEDiffPipeline.from_pretrained(tmp_path / "fused")).images, fused)
+    # Without the adapters the output changes (they are really applied).
+    from diffusers import UNet2DConditionModel
+
+    plain = OSEDiffPipeline(
+        **{**pipe.components, "unet": UNet2DConditionModel.from_pretrained(root / "pipe" / "unet")}
+    )
+    assert (run(plain).images - unfused).abs().max() > 1e-3
+
+
+def test_loads_through_diffusion_pipeline_in_a_fresh_process(released):
+    root, _ = released
+    code = (
+        "import sys, torch; from diffusers import DiffusionPipeline; sys.path.insert(0, 'tests');"
+        "from tiny import lq_image;"
+        f"p = DiffusionPipeline.from_pretrained({str(root / 'pipe')!r}, trust_remote_code=True);"
+        "from peft.tuners.lora import LoraLayer;"
+        "assert type(p).__name__ == 'OSEDiffPipeline' and any(isinstance(m, LoraLayer) for m in p.unet.modules());"
+        "out = p(lq_image(16, 16), process_size=64, output_type='np', generator=torch.Generator().manual_seed(0));"
+        "print(float(out.images.sum()))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    here = OSEDiffPipeline.from_pretrained(root / "pipe")
+    expected = here(lq_image(16, 16), process_size=64, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert abs(float(result.stdout.strip().splitlines()[-1]) - float(expected.images.sum())) < 1e-3
+
+
+def test_vae_only_adapter_does_not_touch_decoder():
+    vae = tiny_vae()
+    add_vae_lora(vae)
+    assert not any("lora" in n for n, _ in vae.decoder.named_parameters())
+    assert not any("lora" in n for n, _ in vae.post_quant_conv.named_parameters())
+    assert any("lora" in n for n, _ in vae.quant_conv.named_parameters())
