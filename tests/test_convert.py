@@ -214,3 +214,47 @@ def test_convert_dape_only_folder(tmp_path, caplog):
             == 1
         )
     assert "RAM checkpoint not found" in caplog.text and not (tmp_path / "y").exists()
+
+
+def test_convert_osediff_and_upscale_with_it(tmp_path, caplog):
+    """`seesr convert --osediff osediff.pkl --sd SD -o DIR` -> a folder `seesr upscale --model DIR` runs."""
+    from PIL import Image
+    from tiny_osediff import write_osediff_pkl
+
+    from pipelines import OSEDiffPipeline
+
+    write_sd2_folder(tmp_path / "sd2")
+    pkl = write_osediff_pkl(tmp_path / "osediff.pkl", tmp_path / "sd2")
+    out = tmp_path / "osediff"
+    assert (
+        main(["convert", "--osediff", str(tmp_path / "osediff.pkl"), "--sd", str(tmp_path / "sd2"), "-o", str(out)])
+        == 0
+    )
+    assert not list(out.rglob("*.bin")) and (out / "unet" / "onestep_lora.safetensors").exists()
+    pipe = OSEDiffPipeline.from_pretrained(out)
+    unet_state = pipe.unet.state_dict()
+    assert all(torch.equal(unet_state[k], v) for k, v in pkl["state_dict_unet"].items())
+    vae_state = pipe.vae.state_dict()
+    assert all(torch.equal(vae_state[k], v) for k, v in pkl["state_dict_vae"].items())
+    lq_image(7, 9).save(tmp_path / "lq.png")
+    args = [
+        "upscale",
+        str(tmp_path / "lq.png"),
+        "-o",
+        str(tmp_path / "sr"),
+        "--model",
+        str(out),
+        "--process-size",
+        "16",
+    ]
+    assert main([*args, "--save-prompts"]) == 0
+    assert Image.open(tmp_path / "sr" / "lq.png").size == (28, 36)
+    assert (tmp_path / "sr" / "lq.txt").read_text() == ",\n"  # no DAPE: f"{prompt},"
+    # Strict: a tensor the SD UNet has no place for is an error naming it, and nothing is written.
+    pkl["state_dict_unet"]["mid_block.extra.lora_A.default_others.weight"] = torch.zeros(4, 4)
+    torch.save(pkl, tmp_path / "bad.pkl")
+    caplog.clear()
+    bad_args = ["convert", "--osediff", str(tmp_path / "bad.pkl"), "--sd", str(tmp_path / "sd2")]
+    assert main([*bad_args, "-o", str(tmp_path / "bad")]) == 1
+    assert "mid_block.extra.lora_A" in caplog.text and not (tmp_path / "bad").exists()
+    assert main([*bad_args, "--seesr", str(tmp_path), "-o", str(tmp_path / "bad")]) == 2

@@ -1,4 +1,4 @@
-"""Upscale images with a SeeSR or TGSR pipeline folder (default: the embedded TGSR model).
+"""Upscale images with a SeeSR, OSEDiff or TGSR pipeline folder (default: the embedded TGSR model).
 
 Inputs are files, folders (recursive) and globs. One output per input, named after it (PNG by default), written
 atomically. Bad inputs (missing, unreadable, too large, ...) are reported on one line each and skipped; the exit
@@ -45,7 +45,9 @@ def _number(kind: type, minimum: float | None = None, allow_none: bool = False):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or globs")
     parser.add_argument("-o", "--output-dir", required=True, type=Path, help="folder for the outputs")
-    parser.add_argument("--model", help="pipeline folder or hub id (SeeSR or TGSR); default: the embedded TGSR model")
+    parser.add_argument(
+        "--model", help="pipeline folder or hub id (SeeSR, OSEDiff or TGSR); default: the embedded TGSR model"
+    )
     parser.add_argument("--prompt", default="", help="user prompt (SeeSR: after the DAPE tags; TGSR: the text guide)")
     parser.add_argument("--steps", type=_number(int, 1), default=50, help="denoising steps (SeeSR)")
     parser.add_argument("--guidance-scale", type=_number(float, 0), default=5.5, help="CFG scale (SeeSR)")
@@ -102,7 +104,7 @@ def load_pipeline(model: str | None, device, dtype):
     import torch
     from diffusers import DiffusionPipeline
 
-    from pipelines import SeeSRPipeline, TGSRPipeline
+    from pipelines import OSEDiffPipeline, SeeSRPipeline, TGSRPipeline
 
     if model is None:
         from seesr.models.tgsr import default_model_path
@@ -112,9 +114,9 @@ def load_pipeline(model: str | None, device, dtype):
     config = DiffusionPipeline.load_config(model)
     name = config.get("_class_name")
     name = name[1] if isinstance(name, list) else name
-    classes = {"SeeSRPipeline": SeeSRPipeline, "TGSRPipeline": TGSRPipeline}
+    classes = {"SeeSRPipeline": SeeSRPipeline, "TGSRPipeline": TGSRPipeline, "OSEDiffPipeline": OSEDiffPipeline}
     if name not in classes:
-        raise ValueError(f"--model {model}: a {name} folder, expected a SeeSRPipeline or TGSRPipeline folder")
+        raise ValueError(f"--model {model}: a {name} folder, expected a {', '.join(classes)} folder")
     pipe = classes[name].from_pretrained(model, dtype=dtype)
     pipe.to(device)
     if getattr(pipe, "prompt_extractor", None) is not None:
@@ -136,12 +138,12 @@ def pipeline_kwargs(kind: str, args: argparse.Namespace) -> dict:
     kwargs = {
         "upscale": args.upscale,
         "process_size": args.process_size,
-        "num_inference_steps": args.steps,
-        "guidance_scale": args.guidance_scale,
         "color_fix": None if args.color_fix == "none" else args.color_fix,
         "vae_tile_size": None if args.vae_tile_size == "off" else args.vae_tile_size,
         "upcast_vae": args.dtype == "fp16",
     }
+    if kind == "SeeSRPipeline":  # OSEDiffPipeline: one step, no guidance
+        kwargs.update(num_inference_steps=args.steps, guidance_scale=args.guidance_scale)
     if args.tile_size is not None:
         kwargs["latent_tile_size"] = None if args.tile_size == "off" else args.tile_size
     if args.tile_overlap is not None:
@@ -197,7 +199,7 @@ def upscale_files(args: argparse.Namespace) -> int:
             continue
         try:
             loaded = load_image(path, max_pixels=args.max_pixels)
-            if kind == "SeeSRPipeline":
+            if kind != "TGSRPipeline":
                 kwargs["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
             out = pipe(loaded.rgb, prompt=args.prompt, output_type="pil", **kwargs)
             atomic_save_image(out.images[0], target, alpha=loaded.alpha)
