@@ -335,7 +335,7 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             color_fix: ``"adain"`` (the original's default), ``"wavelet"`` or None.
             latent_tile_size / latent_tile_overlap: latent tiling (None disables); vae_tile_size: VAE tiling in
                 pixels (None disables). upcast_vae: run the VAE in float32 (avoids fp16 overflow).
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the x0 latents, unscaled by nothing).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the scaled x0 latents).
             callback_on_step_end: ``fn(pipe, 0, 999, {"latents": x0})`` -> dict that may replace ``latents``.
         """
         # 1. Check inputs.
