@@ -178,8 +178,8 @@ def _np(image) -> np.ndarray:
 
 def test_matches_the_original_in_float64(released):
     root, _ = released
-    dape = tiny_dape(seed=2)
-    image = lq_image(11, 19, seed=4)  # small-input rule (16x27), x4 (64x108), LANCZOS crop to x8 (64x104)
+    dape = tiny_dape(seed=0)
+    image = lq_image(11, 19, seed=2)  # small-input rule (16x27), x4 (64x108), LANCZOS crop to x8 (64x104)
     expected = reference_osediff(root / "sd2", root / "osediff.pkl", image, seed=7, prompt="a cat", dape=dape)
     pipe = OSEDiffPipeline.from_pretrained(root / "pipe")
     pipe.prompt_extractor = dape  # a component added after loading, as a user would
