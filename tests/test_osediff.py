@@ -14,7 +14,7 @@ from tiny_osediff import original_unet_lists, original_vae_list, reference_osedi
 
 from pipelines import OSEDiffPipeline
 from pipelines.pipeline_osediff import preprocess_osediff
-from seesr.convert_osediff import convert_osediff
+from seesr.cli.convert_osediff import convert_osediff
 from seesr.models.onestep import (
     OSEDiffCheckpointError,
     add_unet_lora,
