@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from seesr.metrics import psnr
 from seesr.data.tgsr_synthetic import (
     BENCHMARK_CLASSES,
     DETAIL_PHRASINGS,
@@ -15,6 +14,7 @@ from seesr.data.tgsr_synthetic import (
     smooth_background,
     to_uint8,
 )
+from seesr.metrics import psnr
 
 
 @pytest.mark.parametrize("factor", [8, 16])

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from tgsr_tiny import captioned_folder, save_tiny_text_encoder, tiny_clip, tiny_model
-
 from seesr.config import ConfigError, load_config
 from seesr.tgsr import load_text_encoder
 from seesr.tgsr_data import CaptionedImageDataset, bicubic_downscale, prepare_package_photos, read_captioned_images
@@ -25,6 +23,7 @@ from seesr.tgsr_train import (
     main,
     make_lq,
 )
+from tgsr_tiny import captioned_folder, save_tiny_text_encoder, tiny_clip, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL_OVERRIDES = [
@@ -207,11 +206,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
 
 def test_sd_folder_clip_text_encoder_trains_and_exports(tmp_path):
     """`text_encoder: <SD folder>` (text_encoder/ + tokenizer/): a tiny random CLIP trains and exports."""
+    from seesr.tgsr import encode_text
     from tiny import tiny_text_encoder as tiny_clip_text_encoder
     from tiny import tiny_tokenizer as tiny_clip_tokenizer
 
     from pipelines.pipeline_tgsr import TGSRPipeline
-    from seesr.tgsr import encode_text
 
     sd = tmp_path / "sd"
     tiny_clip_text_encoder().save_pretrained(sd / "text_encoder")
