@@ -176,6 +176,9 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, nargs=2, default=(300, 200), help="VAE and UNet pre-training")
     parser.add_argument("--lambda-vsd", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--lora-rank", type=int, default=4)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--reuse-base", action="store_true", help="keep WORK/tiny-sd from an earlier run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "peft"):
@@ -184,21 +187,25 @@ def main() -> None:
     start = time.time()
     listing, held = make_data(args.work)
     files = [Path(p) for p in listing.read_text().split()]
-    base = make_base(args.work, files, *args.base_steps)
+    base = args.work / "tiny-sd"
+    if not (args.reuse_base and (base / "unet").is_dir()):
+        base = make_base(args.work, files, *args.base_steps)
     base_time = time.time() - start
     from seesr.training.osediff import main as train_main
 
-    out = args.work / "run"
+    out = args.work / f"run-r{args.lora_rank}-vsd{args.lambda_vsd:g}-lr{args.lr:g}-s{args.steps}"
     train_main(["--config", str(ROOT / "configs" / "osediff.yaml"), f"pretrained_model={base}", "dape_model=null",
                 f"data.train_data={listing}", f"data.resolution={RESOLUTION}", "loss.lambda_lpips=0",
                 "loss.lpips_weights=[]", f"loss.lambda_vsd={args.lambda_vsd}", f"train.output_dir={out}",
-                f"train.max_train_steps={args.steps}", "train.train_batch_size=4", "train.learning_rate=5e-4",
+                f"train.max_train_steps={args.steps}", "train.train_batch_size=4", f"train.learning_rate={args.lr}",
+                f"lora_rank={args.lora_rank}",
                 "train.mixed_precision='no'", "train.report_to=none", "train.logging_steps=50", "train.seed=0",
                 f"train.checkpointing_steps={args.steps}", "neg_prompt=''"])  # fmt: skip
     train_time = time.time() - start - base_time
     result = evaluate(out / "pipeline", held)
     result |= {"base_minutes": base_time / 60, "train_minutes": train_time / 60, "steps": args.steps}
-    (args.work / "result.json").write_text(json.dumps(result, indent=2))
+    result |= {"lora_rank": args.lora_rank, "lambda_vsd": args.lambda_vsd, "learning_rate": args.lr}
+    (out / "result.json").write_text(json.dumps(result, indent=2))
     print(
         f"held-out Y-PSNR over {len(result['rows'])} crops: bicubic {result['bicubic']:.2f} dB, one-step "
         f"{result['onestep']:.2f} dB (base {base_time / 60:.1f} min, one-step training {train_time / 60:.1f} min)"
