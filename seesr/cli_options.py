@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from seesr import dtypes as _dtypes
+
 #: Every accepted `--dtype` spelling -> the canonical short name.
 DTYPE_NAMES: dict[str, str] = {
     "fp32": "fp32",
@@ -22,7 +24,7 @@ DTYPE_NAMES: dict[str, str] = {
     "bfloat16": "bf16",
 }
 #: Canonical short name -> the torch dtype attribute.
-TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+TORCH_DTYPES: dict[str, str] = _dtypes.DTYPE_NAMES  # the one table (seesr.dtypes)
 #: Option strings kept for compatibility: parsed, never shown in `--help`.
 HIDDEN_ALIASES: frozenset[str] = frozenset({"--output-dir", "--out-dir", "--out"})
 

@@ -30,6 +30,15 @@ class SeeSRCondition:
             self.prompt_embeds, image, self.image_embeds, self.embedding_cache, (top, left, height, width)
         )
 
+    def repeat_interleave(self, repeats: int) -> SeeSRCondition:
+        """Each image's condition ``repeats`` times in a row (each half of a guidance batch's text likewise)."""
+        image_embeds = self.image_embeds
+        return SeeSRCondition(
+            self.prompt_embeds.repeat_interleave(repeats, dim=0),
+            self.control_image.repeat_interleave(repeats, dim=0),
+            image_embeds.repeat_interleave(repeats, dim=0) if image_embeds is not None else None,
+        )
+
 
 def predict_noise(
     unet: torch.nn.Module,

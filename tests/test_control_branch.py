@@ -6,7 +6,6 @@ import pytest
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors.torch import save_file
-from seesr.rca import RCA_MODULE_NAME
 from tiny import (
     randomize,
     released_keys,
@@ -18,6 +17,7 @@ from tiny import (
 )
 
 from seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
+from seesr.models.rca import RCA_MODULE_NAME
 
 
 def stock_config(config: dict) -> dict:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from seesr.tgsr import TGSRModel, encode_text, resolve_text_encoder_path
 from tgsr_tiny import BERT_VOCAB, tiny_bert_tokenizer, tiny_model, tiny_text_encoder
+
+from seesr.models.tgsr import TGSRModel, encode_text, resolve_text_encoder_path
 
 
 @pytest.fixture(scope="module")

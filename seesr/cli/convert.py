@@ -15,9 +15,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from seesr.cli_options import TORCH_DTYPES as DTYPES
 from seesr.cli_options import add_dtype, add_output, add_overwrite
 from seesr.cli_options import dtype as dtype_name
+from seesr.dtypes import torch_dtype as to_torch_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,6 @@ def convert_seesr(
 
     The folder is written to a temporary sibling and renamed into place, so a failure leaves nothing behind.
     """
-    import torch
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -122,7 +121,7 @@ def convert_seesr(
     if dape is not None:
         _check_dape_files(dape)
 
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    torch_dtype = to_torch_dtype(dtype)
     logger.info("loading the SeeSR unet and controlnet from %s", seesr_dir)
     unet = SeeSRUNet2DConditionModel.from_pretrained(seesr_dir / "unet", torch_dtype=torch_dtype)
     controlnet = SeeSRControlNetModel.from_pretrained(seesr_dir / "controlnet", torch_dtype=torch_dtype)

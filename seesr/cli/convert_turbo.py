@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from seesr.dtypes import DTYPE_NAMES as DTYPES
+
 from .convert import (
-    DTYPES,
     ConversionError,
     DAPEFiles,
     _check_dape_files,
