@@ -3,15 +3,15 @@
 Loss = content_weight * content(sample, gt) + coarse_weight * content(coarse_sample, gt)
      + detail_weight * (1 - cos(CLIP image embedding of sample, CLIP text embedding of the caption)).
 The text encoder is frozen; its features are computed once per distinct caption and cached.
+The loop is the shared `seesr.training.loop.run_training`: every draw of a step (caption dropout and augmentation,
+the upscale factor, text noise, the degradation) comes from the step generator it passes to the loss.
 At the end the trained model is exported as a `TGSRPipeline` folder (`export_dir`, default `output_dir/pipeline`).
 """
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,13 +23,14 @@ from torch import nn
 from seesr.models.tgsr import (
     DEFAULT_TEXT_ENCODER,
     PACKAGE_PREFIX,
+    TextFeatures,
     TGSRModel,
     encode_text,
     load_text_encoder,
     text_hidden_size,
 )
-from seesr.training.config import config_to_dict, load_config
-from seesr.training.loop import TrainingArgs
+from seesr.training.config import config_from_cli, load_config
+from seesr.training.loop import TrainingArgs, TrainingJob, run_training, shuffled_loader, start_training
 
 logger = logging.getLogger(__name__)
 
@@ -167,26 +168,19 @@ class TextFeatureCache:
     def __init__(self, text_encoder: nn.Module, tokenizer, max_length: int, max_entries: int = 20_000):
         self.text_encoder, self.tokenizer, self.max_length = text_encoder, tokenizer, max_length
         self.max_entries = max_entries  # augmented captions are many: keep the most recently used ones
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache: dict[str, TextFeatures] = {}  # one caption each, trimmed to its real tokens, on the CPU
 
-    def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        new = sorted({c for c in captions if c not in self.cache})
-        if new:
-            tokens, mask, pooled = encode_text(self.text_encoder, self.tokenizer, new, self.max_length)
-            for i, caption in enumerate(new):
-                self.cache[caption] = (tokens[i, : int(mask[i].sum())].cpu(), pooled[i].cpu())
+    def __call__(self, captions: list[str], device: torch.device) -> TextFeatures:
+        for caption in sorted({c for c in captions if c not in self.cache}):
+            # one caption per encoder call: its features do not depend on which captions are new together (a
+            # resumed run, whose cache starts empty, gets bit-identical features)
+            features = encode_text(self.text_encoder, self.tokenizer, [caption], self.max_length)
+            self.cache[caption] = features.item(0).to("cpu")
         for caption in captions:  # most recently used last; drop the oldest beyond max_entries
             self.cache[caption] = self.cache.pop(caption)
         while len(self.cache) > max(self.max_entries, len(captions)):
             self.cache.pop(next(iter(self.cache)))
-        longest = max(self.cache[c][0].shape[0] for c in captions)
-        token_embeds = torch.zeros(len(captions), longest, self.cache[captions[0]][0].shape[-1])
-        token_mask = torch.zeros(len(captions), longest, dtype=torch.bool)
-        for i, caption in enumerate(captions):
-            length = self.cache[caption][0].shape[0]
-            token_embeds[i, :length], token_mask[i, :length] = self.cache[caption][0], True
-        pooled = torch.stack([self.cache[c][1] for c in captions])
-        return token_embeds.to(device), token_mask.to(device), pooled.to(device)
+        return TextFeatures.stack([self.cache[c] for c in captions]).to(device)
 
 
 class CLIPDetailLoss(nn.Module):
@@ -229,29 +223,31 @@ def augment_caption(caption: str, cfg: CaptionAugmentConfig, generator: torch.Ge
     words = caption.split()
     if not words:
         return caption
-    draws = torch.rand(len(words) + 2, generator=generator).tolist()
+    device = generator.device  # the step generator lives on the training device
+    draws = torch.rand(len(words) + 2, generator=generator, device=device).tolist()
     if cfg.word_dropout > 0 and len(words) > 1:
         kept = [w for w, u in zip(words, draws) if u >= cfg.word_dropout]
-        words = kept or [words[int(torch.randint(len(words), (), generator=generator))]]
+        words = kept or [words[int(torch.randint(len(words), (), generator=generator, device=device))]]
     if draws[-2] < cfg.shuffle:
-        words = [words[i] for i in torch.randperm(len(words), generator=generator).tolist()]
+        words = [words[i] for i in torch.randperm(len(words), generator=generator, device=device).tolist()]
     text = " ".join(words)
     if draws[-1] < cfg.template and cfg.templates:
-        text = cfg.templates[int(torch.randint(len(cfg.templates), (), generator=generator))].format(text)
+        choice = int(torch.randint(len(cfg.templates), (), generator=generator, device=device))
+        text = cfg.templates[choice].format(text)
     return text
 
 
-def perturb_text(text: tuple, sigma: float, generator: torch.Generator) -> tuple:
+def perturb_text(text: TextFeatures, sigma: float, generator: torch.Generator) -> TextFeatures:
     """Gaussian noise on the text features, `sigma` relative to each feature vector's norm (encoder-agnostic)."""
     if sigma <= 0:
         return text
     tokens, mask, pooled = text
 
     def noisy(x: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(x.shape, generator=generator).to(x.device, x.dtype)
+        noise = torch.randn(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype)
         return x + sigma * x.norm(dim=-1, keepdim=True) / x.shape[-1] ** 0.5 * noise
 
-    return noisy(tokens), mask, noisy(pooled)
+    return TextFeatures(noisy(tokens), mask, noisy(pooled))
 
 
 def build_dataset(data: TGSRDataConfig, seed: int):
@@ -275,15 +271,27 @@ def build_dataset(data: TGSRDataConfig, seed: int):
     return datasets[0] if len(datasets) == 1 else ConcatCaptioned(datasets)
 
 
-def make_lq(gt: torch.Tensor, factor: int, cfg: TGSRDataConfig, generator: torch.Generator):
-    """(lq, gt) for one batch: bicubic through 8-bit PIL, or the Real-ESRGAN degradation (lazy import)."""
+def degradation_config(cfg: TGSRDataConfig) -> Any:
+    """The Real-ESRGAN `DegradationConfig` of `cfg` (its `degradation_config` file, read here once), or None for
+    the bicubic degradation."""
+    if cfg.degradation == "bicubic":
+        return None
+    from seesr.data.degradation import DegradationConfig
+
+    return load_config(DegradationConfig, cfg.degradation_config) if cfg.degradation_config else DegradationConfig()
+
+
+def make_lq(gt: torch.Tensor, factor: int, cfg: TGSRDataConfig, generator: torch.Generator, degradation: Any = None):
+    """(lq, gt) for one batch: bicubic through 8-bit PIL, or the Real-ESRGAN degradation (lazy import).
+
+    `degradation` is `degradation_config(cfg)`, read once by the trainer (read here when not given)."""
     from seesr.data.captioned import bicubic_downscale
 
     if cfg.degradation == "bicubic":
         return bicubic_downscale(gt, factor), gt
-    from seesr.data.degradation import DegradationConfig, degrade
+    from seesr.data.degradation import degrade
 
-    base = load_config(DegradationConfig, cfg.degradation_config) if cfg.degradation_config else DegradationConfig()
+    base = degradation if degradation is not None else degradation_config(cfg)
     out = degrade(gt, _with_scale(base, factor), generator)
     lq = out.lq
     size = (gt.shape[-2] // factor, gt.shape[-1] // factor)
@@ -303,10 +311,12 @@ def content_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) -> t
     return F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
 
 
-def compute_loss(model, batch: dict, text: tuple, factor: int, cfg: TGSRTrainConfig, clip_loss, generator) -> dict:
+def compute_loss(
+    model, batch: dict, text: TextFeatures, factor: int, cfg: TGSRTrainConfig, clip_loss, generator, degradation=None
+) -> dict:
     """One training loss on a batch `{"gt", "caption"}`; returns a dict of named terms with "loss" the total."""
-    lq, gt = make_lq(batch["gt"], factor, cfg.data, generator)
-    output = model(lq, text[0], text[2], text[1], upscale=factor)
+    lq, gt = make_lq(batch["gt"], factor, cfg.data, generator, degradation)
+    output = model(lq, **TextFeatures(*text).model_kwargs(), upscale=factor)
     terms = {"content": content_loss(cfg.loss.content_loss, output.sample, gt)}
     total = cfg.loss.content_weight * terms["content"]
     if cfg.loss.coarse_weight > 0:
@@ -348,107 +358,54 @@ def export_pipeline(model: TGSRModel, text_encoder, tokenizer, cfg: TGSRTrainCon
 
 
 def train_tgsr(cfg: TGSRTrainConfig) -> Path:
-    """Train (or resume) a TGSR model as configured; returns the exported pipeline folder."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
+    """Train (or resume) a TGSR model as configured with `run_training`; returns the exported pipeline folder."""
     from seesr.data.captioned import collate_captioned
-    from seesr.training.loop import (
-        apply_gradients,
-        epoch_batches,
-        finish_step,
-        make_accelerator,
-        make_lr_scheduler,
-        make_optimizer,
-        register_save_load_hooks,
-        resume_step,
-        step_generator,
-        trainable_parameters,
-        unwrap,
-        write_resolved_config,
-    )
+    from seesr.training.loop import trainable_parameters
 
-    args = cfg.train
+    args, data = cfg.train, cfg.data
     # 1. accelerator, frozen text encoder, model, optional CLIP
-    accelerator = make_accelerator(args, "tgsr", config=config_to_dict(cfg))
-    write_resolved_config(cfg, args.output_dir, accelerator)
+    accelerator = start_training(cfg, "tgsr")
     text_encoder, tokenizer = load_text_encoder(cfg.text_encoder)
     text_encoder.to(accelerator.device)
     model = build_model(cfg, text_hidden_size(text_encoder))
     model.train()
     clip_loss = CLIPDetailLoss(cfg.loss.clip_model).to(accelerator.device) if cfg.loss.detail_weight > 0 else None
-    register_save_load_hooks(accelerator, {"model": model})
-    # 2. data, optimizer, schedule
-    data = cfg.data
+    # 2. data (crops per (seed, epoch, index)), text features, the degradation config (read once)
     dataset = build_dataset(data, args.seed or 0)
-    workers = min(args.dataloader_num_workers, max((os.cpu_count() or 1) - 1, 0))
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=workers,
-        collate_fn=collate_captioned,
-    )
-    optimizer = make_optimizer(trainable_parameters(model), args)
-    lr_scheduler = make_lr_scheduler(optimizer, args)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    step = resume_step(accelerator, args.output_dir, args.resume)
+    loader = shuffled_loader(dataset, args, collate_captioned)
     text_cache = TextFeatureCache(text_encoder, tokenizer, cfg.max_text_length)
-    logger.info("TGSR: %.2f M trainable parameters, %d images, %d loader workers, starting at step %d",
-                sum(p.numel() for p in trainable_parameters(model)) / 1e6, len(dataset.items), workers,
-                step)  # fmt: skip
-    # 3. loop
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
-    batches = epoch_batches(accelerator, loader, step)  # resumes into the same shuffled order and position
-    while step < args.max_train_steps:
-        batch = next(batches)
-        # every draw of this step comes from a generator seeded with (seed, step): a resumed run repeats them
-        generator = step_generator(torch.device("cpu"), args.seed, step, accelerator.process_index)
+    degradation = degradation_config(data)
+
+    def loss(models, batch, generator):
+        # every draw of this step comes from the step generator (seed, step): a resumed run repeats them
         captions = [
-            "" if float(torch.rand((), generator=generator)) < dropout
+            "" if float(torch.rand((), generator=generator, device=generator.device)) < dropout
             else augment_caption(c, data.caption_augment, generator)
             for c, dropout in zip(batch["caption"], batch["caption_dropout"])
         ]  # fmt: skip
+        factors = data.upscale_factors
+        factor = factors[int(torch.randint(len(factors), (), generator=generator, device=generator.device))]
+        with torch.autocast(accelerator.device.type, enabled=False):  # text features in full precision, as cached
+            text = perturb_text(text_cache(captions, accelerator.device), data.text_noise, generator)
         batch = {"gt": batch["gt"], "caption": captions}
-        factor = data.upscale_factors[int(torch.randint(len(data.upscale_factors), (), generator=generator))]
-        text = perturb_text(text_cache(captions, accelerator.device), data.text_noise, generator)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                terms = compute_loss(model, batch, text, factor, cfg, clip_loss, generator)
-            apply_gradients(
-                accelerator, terms["loss"], model.parameters(), optimizer, lr_scheduler, args.max_grad_norm
-            )
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        finish_step(accelerator, args, step, terms, lr_scheduler, progress)
-    progress.close()
-    # 4. export
-    accelerator.wait_for_everyone()
-    export_dir = Path(cfg.export_dir or Path(args.output_dir) / "pipeline")
-    if accelerator.is_main_process:
-        export_dir = export_pipeline(unwrap(accelerator, model), text_encoder, tokenizer, cfg)
-    accelerator.end_training()
-    return export_dir
+        return compute_loss(models["model"], batch, text, factor, cfg, clip_loss, generator, degradation)
+
+    params = trainable_parameters(model)
+    job = TrainingJob(
+        models={"model": model},
+        params=params,
+        loader=loader,
+        loss=loss,
+        export=lambda models: export_pipeline(models["model"], text_encoder, tokenizer, cfg),
+        export_dir=Path(cfg.export_dir or Path(args.output_dir) / "pipeline"),
+        description=f"TGSR: {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters, "
+        f"{len(dataset.items)} images, {loader.num_workers} loader workers",
+    )
+    return run_training(accelerator, args, job)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a TGSR (text-guided super-resolution) model.")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (configs/tgsr.yaml)")
-    parser.add_argument("--output_dir", default=None, help="shortcut for train.output_dir=...")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder (train.resume)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_train_steps=100")
-    parsed = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = list(parsed.overrides)
-    if parsed.output_dir is not None:
-        overrides.append(f"train.output_dir={parsed.output_dir}")
-    if parsed.resume is not None:
-        overrides.append(f"train.resume={parsed.resume}")
-    train_tgsr(load_config(TGSRTrainConfig, parsed.config, overrides))
+    train_tgsr(config_from_cli(TGSRTrainConfig, "Train a TGSR (text-guided super-resolution) model.", argv))
 
 
 if __name__ == "__main__":
