@@ -261,7 +261,7 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         dtype = torch.float32 if upcast_vae else self.vae.dtype
         with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
             images = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return images.clamp(-1, 1)
+        return images.clamp_(-1, 1)
 
     @staticmethod
     def postprocess(
@@ -271,15 +271,18 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         method: str | None,
         output_type: str,
     ):
-        """Colour fix against the pre-processed LQ, then (``sizes`` given) resize to ``sizes``.
+        """Colour fix against the pre-processed LQ, then (``sizes`` given) resize to ``sizes``. ``decoded`` (in
+        [-1, 1]) is overwritten in place.
 
         ``"pil"`` follows the original's 8-bit chain: ``x * 0.5 + 0.5`` truncated to 8 bits (``ToPILImage``),
         colour-fixed in float32, clamped and truncated again, PIL-bicubic resized. ``"np"`` / ``"pt"`` stay in float
         (at least float32) and resize with torch bicubic.
         """
-        images = decoded * 0.5 + 0.5
+        # In place where the values allow: full-size copies are what grows with the image size.
+        images = decoded.mul_(0.5).add_(0.5)
         if output_type == "pil":
-            images = images.mul(255).to(torch.uint8).float().div_(255)
+            # trunc of [0, 255] = the uint8 conversion; the 8-bit values then in float32, as ToTensor gives them
+            images = images.mul_(255).trunc_().to(torch.float32).div_(255)
             images = color_fix(images, reference.float(), method).clamp_(0, 1)
             arrays = images.mul_(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             pils = [PIL.Image.fromarray(a) for a in arrays]
@@ -287,7 +290,7 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
                 return pils
             return [p if p.size == s else p.resize(s, PIL.Image.BICUBIC) for p, s in zip(pils, sizes, strict=True)]
         images = images.to(torch.promote_types(images.dtype, torch.float32))
-        images = color_fix(images, reference.to(images.dtype), method).clamp(0, 1)
+        images = color_fix(images, reference.to(images.dtype), method).clamp_(0, 1)
         if sizes is not None:
             images = [
                 F.interpolate(img[None], size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)[0]
@@ -335,7 +338,7 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             color_fix: ``"adain"`` (the original's default), ``"wavelet"`` or None.
             latent_tile_size / latent_tile_overlap: latent tiling (None disables); vae_tile_size: VAE tiling in
                 pixels (None disables). upcast_vae: run the VAE in float32 (avoids fp16 overflow).
-            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the x0 latents, unscaled by nothing).
+            output_type: ``"pil"``, ``"np"``, ``"pt"`` or ``"latent"`` (the scaled x0 latents).
             callback_on_step_end: ``fn(pipe, 0, 999, {"latents": x0})`` -> dict that may replace ``latents``.
         """
         # 1. Check inputs.
@@ -379,7 +382,9 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         if output_type == "latent":
             result = latents
         else:
+            del noise_pred
             decoded = self.decode_latents(latents, vae_tile_size, upcast_vae)
+            del latents
             result = self.postprocess(decoded, lq, sizes if size_rule == "exact" else None, color_fix, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:

@@ -265,7 +265,7 @@ def _check_export(inputs, out: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
     from pipelines import OSEDiffPipeline
-    from seesr.convert_osediff import convert_osediff
+    from seesr.cli.convert_osediff import convert_osediff
     from seesr.training.osediff import build_pipeline, load_trainable_state
 
     converted = convert_osediff(str(inputs["sd"]), out / "osediff.pkl", tmp_path / "converted")

@@ -14,7 +14,8 @@ Public API (stable; the one-step trainer builds on it):
 - :func:`unet_lora_target_modules` / :func:`vae_lora_target_modules`: the module-name lists exactly as the original
   builds them (the VAE list keeps the original's duplicates, as ``osediff.pkl`` stores them).
 - :func:`add_unet_lora` / :func:`add_vae_lora`: add the adapters (all active) and return the lists.
-- :func:`trainable_parameter_names`: what the original trains (every LoRA tensor, plus ``conv_in``'s base).
+- :func:`trainable_parameter_names` / :func:`set_trainable`: what the original trains (every LoRA tensor, plus
+  ``conv_in``'s base), and freezing everything else.
 - :func:`read_osediff_checkpoint` (safe, strict), :func:`load_osediff_checkpoint` (adapters + tensors into models),
   :func:`osediff_checkpoint` / :func:`save_osediff_checkpoint` (models -> the released dict layout).
 - :func:`fuse_lora` (merge every adapter into the base weights and remove the peft layers), :func:`has_lora`.
@@ -185,6 +186,15 @@ def trainable_parameter_names(model: torch.nn.Module) -> list[str]:
     """What OSEDiff trains in ``model``: every LoRA tensor and (UNet) every ``conv_in`` tensor."""
     full = "conv_in" if isinstance(model, UNet2DConditionModel) else None
     return [n for n, _ in model.named_parameters() if "lora" in n or (full is not None and full in n)]
+
+
+def set_trainable(model: torch.nn.Module) -> list[str]:
+    """Freeze ``model`` except what OSEDiff trains (:func:`trainable_parameter_names`); returns those names."""
+    names = trainable_parameter_names(model)
+    keep = set(names)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in keep)
+    return names
 
 
 def has_lora(model: torch.nn.Module) -> bool:
@@ -475,11 +485,14 @@ def _lora_files(path: str | os.PathLike, subfolder: str | None) -> tuple[str, st
             raise OSEDiffCheckpointError(f"{folder}: {LORA_CONFIG_NAME} without {LORA_WEIGHTS_NAME}")
         return str(folder / LORA_WEIGHTS_NAME), str(folder / LORA_CONFIG_NAME)
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     try:
         config = hf_hub_download(str(path), LORA_CONFIG_NAME, subfolder=subfolder)
-    except EntryNotFoundError:
+    except RemoteEntryNotFoundError:
+        return None
+    except LocalEntryNotFoundError:  # offline and not cached: a stock folder, or adapters never downloaded
+        logger.warning("%s: offline and no cached %s; loading without one-step adapters", path, LORA_CONFIG_NAME)
         return None
     return hf_hub_download(str(path), LORA_WEIGHTS_NAME, subfolder=subfolder), config
 

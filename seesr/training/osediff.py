@@ -466,7 +466,7 @@ def export_models(cfg: OSEDiffTrainConfig, parts: OSEDiffParts, generator_model:
     """Write ``export_dir`` (default ``output_dir``) ``/osediff.pkl`` (the released dict layout, float32) and
     ``/pipeline``: the OSEDiffPipeline folder that `seesr convert --osediff osediff.pkl --sd pretrained_model` writes
     (byte for byte, it is made by the converter), plus the DAPE model as ``prompt_extractor`` when there is one."""
-    from seesr.convert_osediff import convert_osediff
+    from seesr.cli.convert_osediff import convert_osediff
     from seesr.image_io import atomic_save_file
     from seesr.models.onestep import osediff_checkpoint
 

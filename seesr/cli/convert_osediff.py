@@ -41,7 +41,7 @@ def convert_osediff(
 
     from pipelines.pipeline_osediff import OSEDiffPipeline
 
-    from .models.onestep import OSEDiffCheckpointError, load_osediff_checkpoint, read_osediff_checkpoint
+    from ..models.onestep import OSEDiffCheckpointError, load_osediff_checkpoint, read_osediff_checkpoint
 
     output_dir = Path(output_dir)
     if dtype not in DTYPES:
