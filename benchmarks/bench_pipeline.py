@@ -68,39 +68,35 @@ if str(REPO) not in sys.path:  # `pipelines` from this checkout, also when an ol
     sys.path.insert(0, str(REPO))
 
 
-# UNet / VAE / text-encoder sizes. ``tiny`` matches tests/tiny.py; ``mid`` keeps SD2's block types (cross-attention
-# on every level but the lowest) and a 4-level VAE (scale factor 8), sized to run in minutes on two CPU cores.
+def sd2_unet(channels: tuple, heads: tuple, cross_attention_dim: int, norm_num_groups: int, sample_size: int) -> dict:
+    """A UNet config in SD2's layout (cross-attention on every level but the lowest, 2 layers per block) with
+    SeeSR's RCA on DAPE's 512-wide tokens. ``heads`` is diffusers' ``attention_head_dim`` (the head count)."""
+    crossed = len(channels) - 1
+    return {
+        "block_out_channels": channels,
+        "down_block_types": ("CrossAttnDownBlock2D",) * crossed + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * crossed,
+        "attention_head_dim": heads,
+        "cross_attention_dim": cross_attention_dim,
+        "norm_num_groups": norm_num_groups,
+        "sample_size": sample_size,
+        "layers_per_block": 2,
+        "use_linear_projection": True,
+        "image_cross_attention_dim": 512,
+    }
+
+
+# UNet / VAE / text-encoder sizes. ``tiny`` matches tests/tiny.py; ``mid`` keeps SD2's block types and a 4-level VAE
+# (scale factor 8), sized to run in minutes on two CPU cores; ``sd2`` is the released size.
 CONFIGS: dict[str, dict] = {
     "tiny": {
-        "unet": {
-            "block_out_channels": (32, 64),
-            "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-            "attention_head_dim": (2, 4),
-            "cross_attention_dim": 32,
-            "norm_num_groups": 8,
-            "layers_per_block": 2,
-            "use_linear_projection": True,
-            "image_cross_attention_dim": 512,
-            "sample_size": 16,
-        },
+        "unet": sd2_unet((32, 64), (2, 4), cross_attention_dim=32, norm_num_groups=8, sample_size=16),
         "vae": {"block_out_channels": (8, 8, 8, 8), "norm_num_groups": 4, "layers_per_block": 1},
         "text": {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
         "max_length": 16,
     },
-    "mid": {
-        "unet": {
-            "block_out_channels": (64, 128, 256),
-            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            "attention_head_dim": (2, 4, 8),  # diffusers' name for the head count; 32 channels per head
-            "cross_attention_dim": 64,
-            "norm_num_groups": 32,
-            "layers_per_block": 2,
-            "use_linear_projection": True,
-            "image_cross_attention_dim": 512,
-            "sample_size": 64,
-        },
+    "mid": {  # 32 channels per head
+        "unet": sd2_unet((64, 128, 256), (2, 4, 8), cross_attention_dim=64, norm_num_groups=32, sample_size=64),
         "vae": {"block_out_channels": (32, 64, 64, 64), "norm_num_groups": 32, "layers_per_block": 1},
         "text": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4},
         "max_length": 77,
@@ -108,16 +104,9 @@ CONFIGS: dict[str, dict] = {
     # The released sizes (SD2-base UNet + SeeSR RCA, SD VAE, OpenCLIP-H text encoder), random weights: for GPUs
     # (on two CPU cores one 2048 px memory run takes about 20 minutes).
     "sd2": {
-        "unet": {
-            "block_out_channels": (320, 640, 1280, 1280),
-            "attention_head_dim": (5, 10, 20, 20),
-            "cross_attention_dim": 1024,
-            "norm_num_groups": 32,
-            "layers_per_block": 2,
-            "use_linear_projection": True,
-            "image_cross_attention_dim": 512,
-            "sample_size": 64,
-        },
+        "unet": sd2_unet(
+            (320, 640, 1280, 1280), (5, 10, 20, 20), cross_attention_dim=1024, norm_num_groups=32, sample_size=64
+        ),
         "vae": {"block_out_channels": (128, 256, 512, 512), "norm_num_groups": 32, "layers_per_block": 2},
         "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23},
         "max_length": 77,

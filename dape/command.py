@@ -12,9 +12,9 @@ import logging
 import sys
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from seesr.dtypes import DTYPE_NAMES, torch_dtype
 
-DTYPES = ("float32", "float16", "bfloat16")
+logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, type=Path, help="DAPE model folder (DAPEModel.save_pretrained)")
     parser.add_argument("--out-dir", type=Path, default=None, help="write <name>.txt files here instead of printing")
     parser.add_argument("--device", default="auto", help="torch device; 'auto' = cuda when available, else cpu")
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="model precision (SeeSR runs DAPE in fp32)")
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPE_NAMES.values()),
+        default="float32",
+        help="model precision (SeeSR runs DAPE in fp32)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument(
         "--antialias", action="store_true", help="antialiased resize to 384 (SeeSR's pinned torchvision did not)"
@@ -64,7 +69,7 @@ def _load_model(args: argparse.Namespace):
             raise ValueError(f"--device {args.device}: not a torch device (e.g. cpu, cuda, cuda:1)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: CUDA is not available")
-    model = DAPEModel.from_pretrained(args.model, local_files_only=True, torch_dtype=getattr(torch, args.dtype))
+    model = DAPEModel.from_pretrained(args.model, local_files_only=True, torch_dtype=torch_dtype(args.dtype))
     return model.to(device).eval()
 
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from seesr.data.degradation import DegradationConfig, degraded_condition
-from seesr.training.config import config_to_dict, load_config, parse_cli
-from seesr.training.loop import TrainingArgs
+from seesr.training.config import config_from_cli
+from seesr.training.loop import TrainingArgs, TrainingJob, run_training, shuffled_loader, start_training
 
 from .lora import LORA_ALPHA, LORA_RANK, lora_state_dict
 
@@ -198,87 +198,39 @@ def export_dape(cfg: DAPETrainConfig, student: torch.nn.Module) -> Path:
 
 def train_dape(cfg: DAPETrainConfig) -> Path:
     """Train (or resume) DAPE's LoRA as configured; returns the exported (merged) DAPE folder."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     from seesr.data.image_folder import ImageFolderDataset, collate
-    from seesr.training.loop import (
-        apply_gradients,
-        cast_training_params,
-        epoch_batches,
-        finish_step,
-        frozen_weight_dtype,
-        make_accelerator,
-        make_lr_scheduler,
-        make_optimizer,
-        resume_step,
-        step_generator,
-        trainable_parameters,
-        unwrap,
-        write_resolved_config,
-    )
+    from seesr.training.loop import cast_training_params, frozen_weight_dtype, make_lr_scheduler, trainable_parameters
 
     args = cfg.train
-    # 1. accelerator, teacher and student, data
-    accelerator = make_accelerator(args, "dape", config=config_to_dict(cfg))
-    write_resolved_config(cfg, args.output_dir, accelerator)
+    accelerator = start_training(cfg, "dape")
     weight_dtype = frozen_weight_dtype(accelerator)
     teacher, student = load_models(cfg)
     for model in (teacher, student):
         model.to(accelerator.device) if weight_dtype == torch.float32 else model.to(accelerator.device, weight_dtype)
     cast_training_params(student, torch.float32)
-    register_lora_hooks(accelerator, student)
     dataset = ImageFolderDataset(cfg.data.train_data, cfg.data.resolution, cfg.data.random_flip, seed=args.seed or 0)
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-    )
-    # 2. optimizer and schedule over the LoRA parameters
+    loader = shuffled_loader(dataset, args, collate)
     params = trainable_parameters(student)
-    optimizer = make_optimizer(params, args)
-    if cfg.lr_milestones:
-        lr_scheduler = multistep_lr_scheduler(optimizer, cfg, accelerator.num_processes)
-    else:
-        lr_scheduler = make_lr_scheduler(optimizer, args)
-    student, optimizer, loader, lr_scheduler = accelerator.prepare(student, optimizer, loader, lr_scheduler)
-    step = resume_step(accelerator, args.output_dir, args.resume)
-    logger.info("DAPE: %.3f M trainable LoRA parameters, %d images, step %d",
-                sum(p.numel() for p in params) / 1e6, len(dataset), step)  # fmt: skip
-    # 3. loop
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
-    generator = step_generator(accelerator.device, args.seed, step, accelerator.process_index)
-    batches = epoch_batches(accelerator, loader, step)
-    while step < args.max_train_steps:
-        batch = next(batches)
-        with accelerator.accumulate(student):
-            with accelerator.autocast():
-                terms = distillation_loss(teacher, student, batch, cfg, generator)
-            apply_gradients(accelerator, terms["loss"], params, optimizer, lr_scheduler, args.max_grad_norm)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        finish_step(accelerator, args, step, terms, lr_scheduler, progress)
-    progress.close()
-    # 4. export
-    accelerator.wait_for_everyone()
-    export = Path(cfg.export_dir or Path(args.output_dir) / "dape")
-    if accelerator.is_main_process:
-        export = export_dape(cfg, unwrap(accelerator, student))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return export
+
+    def lr_schedule(optimizer):
+        if cfg.lr_milestones:
+            return multistep_lr_scheduler(optimizer, cfg, accelerator.num_processes)
+        return make_lr_scheduler(optimizer, args)
+
+    job = TrainingJob(
+        models={"student": student},
+        params=params,
+        loader=loader,
+        loss=lambda models, batch, generator: distillation_loss(teacher, models["student"], batch, cfg, generator),
+        export=lambda models: export_dape(cfg, models["student"]),
+        export_dir=Path(cfg.export_dir or Path(args.output_dir) / "dape"),
+        make_lr_scheduler=lr_schedule,
+        checkpoint_hooks=lambda accelerator: register_lora_hooks(accelerator, student),
+        description=f"DAPE: {sum(p.numel() for p in params) / 1e6:.3f} M trainable LoRA parameters",
+    )
+    return run_training(accelerator, args, job)
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = parse_cli(
-        "Train DAPE (LoRA on RAM) to tag and represent degraded images like clean ones.", argv
-    )
-    train_dape(load_config(DAPETrainConfig, config, overrides))
-
-
-if __name__ == "__main__":
-    main()
+    description = "Train DAPE (LoRA on RAM) to tag and represent degraded images like clean ones."
+    train_dape(config_from_cli(DAPETrainConfig, description, argv))

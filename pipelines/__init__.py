@@ -2,22 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from seesr.lazy import lazy_exports
 
-_EXPORTS = {
-    "OSEDiffPipeline": "pipelines.pipeline_osediff",
-    "OSEDiffPipelineOutput": "pipelines.pipeline_osediff",
-    "SeeSRPipeline": "pipelines.pipeline_seesr",
-    "SeeSRPipelineOutput": "pipelines.pipeline_seesr",
-    "TGSRPipeline": "pipelines.pipeline_tgsr",
-    "TGSRPipelineOutput": "pipelines.pipeline_tgsr",
+_MODULES = {
+    "pipelines.pipeline_osediff": ("OSEDiffPipeline", "OSEDiffPipelineOutput"),
+    "pipelines.pipeline_seesr": ("SeeSRPipeline", "SeeSRPipelineOutput"),
+    "pipelines.pipeline_tgsr": ("TGSRPipeline", "TGSRPipelineOutput"),
 }
+_EXPORTS = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'pipelines' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -36,8 +36,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import dape.model  # noqa: F401  (registers the prompt_extractor's module for diffusers' component loader)
 from seesr.color import COLOR_FIX_METHODS, color_fix
-from seesr.conditioning import compose_prompt, dape_condition, encode_prompt
+from seesr.conditioning import build_condition, encode_prompt
 from seesr.denoise import SeeSRCondition, predict_noise
+from seesr.image_io import pil_to_tensor
 from seesr.models.controlnet import SeeSRControlNetModel
 from seesr.models.unet import SeeSRUNet2DConditionModel
 
@@ -78,10 +79,7 @@ class SeeSRPipelineOutput(BaseOutput):
 
 def _to_tensor(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
     """(3, H, W) float32 in [0, 1]."""
-    if isinstance(image, PIL.Image.Image):
-        pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # one uint8 copy, then one float
-        return pixels.permute(2, 0, 1).float().div_(255)
-    return image.float()
+    return pil_to_tensor(image) if isinstance(image, PIL.Image.Image) else image.float()
 
 
 def preprocess_lq(
@@ -267,12 +265,6 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             )
         batch = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
         return batch.to(self._execution_device), list(sizes)
-
-    def extract_prompts(self, images: list) -> tuple[list[str] | None, torch.Tensor | None]:
-        """DAPE tags and representation tokens of the original LQ images (None, None without a prompt extractor)."""
-        if self.prompt_extractor is None:
-            return None, None
-        return dape_condition(self.prompt_extractor, images)
 
     def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
         """CLIP token embeddings of ``prompts``, in the UNet's dtype."""
@@ -469,33 +461,36 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         device, repeats = self._execution_device, num_images_per_prompt
         do_cfg = guidance_scale > 1
 
-        # 2. Pre-process the LQ images; DAPE tags and tokens from the original LQ (once per image).
+        # 2. Pre-process the LQ images; the condition (once per image): DAPE tags and tokens from the original LQ,
+        # the text embeddings of [negative, positive] prompts for classifier-free guidance, and one copy of the LQ
+        # and the DAPE tokens that serves both halves (the denoiser repeats them per tile, so no doubled
+        # full-resolution condition is kept).
         lq, sizes = self.prepare_lq(images, upscale, process_size)
-        tags, dape_embeds = self.extract_prompts(images)
-        image_embeds = dape_embeds if image_embeds is None else image_embeds.to(device).expand(len(images), -1, -1)
-        tags_or_none = tags if tags is not None else [None] * len(images)
-        full_prompts = [compose_prompt(t, p, added_prompt) for t, p in zip(tags_or_none, prompts, strict=True)]
-
-        # 3. Text embeddings (once per image), classifier-free guidance batch = [negative, positive].
         negatives = [negative_prompt] * len(images) if isinstance(negative_prompt, str) else list(negative_prompt)
-        embeds = self.encode_prompt(negatives + full_prompts if do_cfg else full_prompts)
-        embeds = embeds.repeat_interleave(repeats, dim=0)
-        if image_embeds is not None:
-            image_embeds = image_embeds.to(device, self.unet.dtype).repeat_interleave(repeats, dim=0)
+        cond, full_prompts = build_condition(
+            lq,
+            prompts,
+            self.tokenizer,
+            self.text_encoder,
+            dape=self.prompt_extractor,
+            dape_images=images,
+            added_prompt=added_prompt,
+            negative_prompts=negatives if do_cfg else None,
+            image_embeds=image_embeds,
+            dtype=self.unet.dtype,
+        )
         if repeats > 1:
             lq, sizes = lq.repeat_interleave(repeats, dim=0), [s for s in sizes for _ in range(repeats)]
-        # embeds are [negatives; positives]; one copy of the LQ and the DAPE tokens serves both halves (the denoiser
-        # repeats them per tile, so no doubled full-resolution condition is kept).
-        cond = SeeSRCondition(embeds, lq.to(self.unet.dtype), image_embeds)
+            cond = cond.repeat_interleave(repeats)
 
-        # 4. Timesteps and the starting latents.
+        # 3. Timesteps and the starting latents.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(
             lq, timesteps, start_point, start_timestep, generator, vae_tile_size, upcast_vae
         )
 
-        # 5. Denoise.
+        # 4. Denoise.
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
@@ -512,8 +507,8 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
                     latents = outputs.pop("latents", latents)
                 progress.update()
 
-        # 6. Decode, colour-fix, resize.
-        del cond, embeds
+        # 5. Decode, colour-fix, resize.
+        del cond
         if output_type == "latent":
             result = latents
         else:

@@ -23,9 +23,11 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from PIL import Image
 
-from seesr.models.tgsr import TGSRModel, encode_text, load_text_encoder
+from seesr.image_io import tensor_to_pil
+from seesr.models.tgsr import TextFeatures, TGSRModel, encode_text, load_text_encoder
 
 from .loading import InstalledCodeLoaderMixin
+from .tiling import tile_starts
 
 logger = logging.getLogger(__name__)
 
@@ -55,15 +57,6 @@ def blend_weights(height: int, width: int, ramp: int) -> torch.Tensor:
         return (0.5 - 0.5 * torch.cos(math.pi * (distance / ramp).clamp(max=1.0))).clamp(min=1e-3)
 
     return (profile(height)[:, None] * profile(width)[None, :]).float()
-
-
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Start offsets of tiles of size `tile` covering `length`, overlapping by at least `overlap`."""
-    if length <= tile:
-        return [0]
-    count = math.ceil((length - overlap) / (tile - overlap))
-    stride = (length - tile) / (count - 1)
-    return [round(i * stride) for i in range(count)]
 
 
 class TGSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
@@ -154,17 +147,20 @@ class TGSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     # ------------------------------------------------------------------ inference
 
     def upscale_tiled(
-        self, lq: torch.Tensor, text: tuple, upscale: int, tile_size: int, tile_overlap: int, progress
+        self, lq: torch.Tensor, text: TextFeatures, upscale: int, tile_size: int, tile_overlap: int, progress
     ) -> torch.Tensor:
         """Run the model over overlapping LR tiles of `lq` `(1, 3, h, w)` and blend the HR tiles smoothly."""
         height, width = lq.shape[-2:]
-        rows, cols = tile_starts(height, tile_size, tile_overlap), tile_starts(width, tile_size, tile_overlap)
+        rows, cols = (
+            tile_starts(height, tile_size, tile_overlap, spread=True),
+            tile_starts(width, tile_size, tile_overlap, spread=True),
+        )
         output = torch.zeros(1, 3, height * upscale, width * upscale, device=lq.device, dtype=torch.float32)
         total = torch.zeros(1, 1, height * upscale, width * upscale, device=lq.device, dtype=torch.float32)
         for top in rows:
             for left in cols:
                 tile = lq[..., top : top + tile_size, left : left + tile_size]
-                result = self.model(tile, text[0], text[2], text[1], upscale=upscale).sample.float()
+                result = self.model(tile, **text.model_kwargs(), upscale=upscale).sample.float()
                 weight = blend_weights(*result.shape[-2:], ramp=tile_overlap * upscale).to(lq.device)
                 window = (..., slice(top * upscale, top * upscale + result.shape[-2]),
                           slice(left * upscale, left * upscale + result.shape[-1]))  # fmt: skip
@@ -194,16 +190,14 @@ class TGSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         self.check_inputs(images, prompts, upscale, tile_size, tile_overlap, output_type)
         device, dtype = self._execution_device, self.model.dtype
         # 2. text: encoded once per image, shared by all its tiles
-        token_embeds, token_mask, pooled = encode_text(self.text_encoder, self.tokenizer, prompts)
+        features = encode_text(self.text_encoder, self.tokenizer, prompts)
         # 3. tiled upscaling, one image at a time
-        counts = [len(tile_starts(im.shape[1], tile_size, tile_overlap)) * len(tile_starts(im.shape[2], tile_size,
-                  tile_overlap)) for im in images]  # fmt: skip
+        counts = [len(tile_starts(im.shape[1], tile_size, tile_overlap, spread=True)) *
+                  len(tile_starts(im.shape[2], tile_size, tile_overlap, spread=True)) for im in images]  # fmt: skip
         outputs = []
         with self.progress_bar(total=sum(counts)) as progress:
             for i, lq in enumerate(images):
-                length = int(token_mask[i].sum())
-                text = (token_embeds[i : i + 1, :length].to(device, dtype), token_mask[i : i + 1, :length].to(device),
-                        pooled[i : i + 1].to(device, dtype))  # fmt: skip
+                text = features.item(i).to(device, dtype)
                 lq = lq[None].to(device=device, dtype=dtype)
                 height, width = lq.shape[-2:]
                 # Tiny inputs (down to 1x1) are replicate-padded to MIN_SIDE and the output cropped back.
@@ -223,10 +217,10 @@ class TGSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         same_size = len({tuple(o.shape) for o in outputs}) == 1
         if output_type == "pt":
             return torch.cat(outputs).cpu() if same_size else [o[0].cpu() for o in outputs]
-        arrays = [o[0].permute(1, 2, 0).cpu().numpy() for o in outputs]
         if output_type == "np":
+            arrays = [o[0].permute(1, 2, 0).cpu().numpy() for o in outputs]
             return np.stack(arrays) if same_size else arrays
-        return [Image.fromarray((a * 255).round().astype(np.uint8), "RGB") for a in arrays]
+        return [tensor_to_pil(o[0]) for o in outputs]
 
 
-__all__ = ["TGSRPipeline", "TGSRPipelineOutput", "blend_weights", "tile_starts"]
+__all__ = ["TGSRPipeline", "TGSRPipelineOutput", "blend_weights"]

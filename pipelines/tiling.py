@@ -9,10 +9,18 @@ from collections.abc import Iterator
 import torch
 
 
-def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Offsets covering ``[0, length)`` with ``tile``-long windows, stride ``tile - overlap``, the last snapped."""
+def tile_starts(length: int, tile: int, overlap: int, spread: bool = False) -> list[int]:
+    """Offsets of ``tile``-long windows covering ``[0, length)`` (``[0]`` when one tile covers it).
+
+    By default (SeeSR, as the original) the stride is ``tile - overlap`` and the last window is snapped to the end;
+    with ``spread`` (TGSR) the fewest windows that overlap by at least ``overlap`` are spread evenly.
+    """
     if tile >= length:
         return [0]
+    if spread:
+        count = math.ceil((length - overlap) / (tile - overlap))
+        stride = (length - tile) / (count - 1)
+        return [round(i * stride) for i in range(count)]
     stride = max(tile - overlap, 1)
     starts = list(range(0, length - tile, stride))
     return starts + [length - tile]

@@ -8,7 +8,8 @@ Where things live (see README.md, "Layout"):
 - `seesr.training`: the shared training plumbing, the typed config loader and one module per trainer;
 - `seesr.cli`: the ``seesr`` command's dispatcher and one module per subcommand;
 - top level: `seesr.conditioning` (LQ image + prompt -> the denoiser's condition), `seesr.denoise` (one noise
-  prediction), `seesr.image_io` (image files in and out), `seesr.color` (colour fix), `seesr.metrics`;
+  prediction), `seesr.image_io` (image files in and out, tensor <-> PIL), `seesr.color` (colour fix),
+  `seesr.metrics`, `seesr.dtypes` (the dtype-name table), `seesr.lazy` (lazy package exports);
 - `seesr.compat`: the old flat module paths (``seesr.unet``, ``seesr.tgsr``, ...) as aliases of the new ones.
 
 The pipelines are in the top-level `pipelines` package and DAPE in `dape`. Exports are resolved lazily so that
@@ -17,10 +18,8 @@ The pipelines are in the top-level `pipelines` package and DAPE in `dape`. Expor
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from seesr import compat as _compat
+from seesr.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -35,7 +34,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'seesr' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

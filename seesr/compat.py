@@ -27,7 +27,7 @@ MOVED: dict[str, str] = {
     "seesr.degradation": "seesr.data.degradation",
     "seesr.jpeg": "seesr.data.jpeg",
     "seesr.tgsr_data": "seesr.data.captioned",
-    "seesr.pairs": "seesr.data.pairs",
+    "seesr.pairs": "seesr.cli.make_pairs",  # the command; it re-exports make_pairs (seesr.data.pairs)
     "seesr.config": "seesr.training.config",
     "seesr.train": "seesr.training.controlnet",
     "seesr.tgsr_train": "seesr.training.tgsr",

@@ -24,6 +24,15 @@ class SeeSRCondition:
         image = self.control_image[:, :, top * scale : (top + height) * scale, left * scale : (left + width) * scale]
         return SeeSRCondition(self.prompt_embeds, image, self.image_embeds)
 
+    def repeat_interleave(self, repeats: int) -> SeeSRCondition:
+        """Each image's condition ``repeats`` times in a row (each half of a guidance batch's text likewise)."""
+        image_embeds = self.image_embeds
+        return SeeSRCondition(
+            self.prompt_embeds.repeat_interleave(repeats, dim=0),
+            self.control_image.repeat_interleave(repeats, dim=0),
+            image_embeds.repeat_interleave(repeats, dim=0) if image_embeds is not None else None,
+        )
+
 
 def predict_noise(
     unet: torch.nn.Module,

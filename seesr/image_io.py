@@ -15,10 +15,13 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -241,3 +244,19 @@ def shard(items: list[T], process_index: int, num_processes: int) -> list[T]:
     if not isinstance(process_index, int) or not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be an int in [0, {num_processes}), got {process_index!r}")
     return list(items[process_index::num_processes])
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit PIL image -> float32 ``(3, H, W)`` RGB tensor in ``[0, 1]`` (one uint8 copy, then one float)."""
+    import torch
+
+    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
+    return pixels.permute(2, 0, 1).float().div_(255)
+
+
+def tensor_to_pil(image: torch.Tensor) -> Image.Image:
+    """Float ``(3, H, W)`` tensor in ``[0, 1]`` -> 8-bit RGB PIL image (clamped, rounded half to even)."""
+    import torch
+
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, "RGB")

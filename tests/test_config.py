@@ -7,7 +7,7 @@ from typing import Literal
 import pytest
 import yaml
 
-from seesr.config import ConfigError, config_to_dict, load_config, save_config
+from seesr.training.config import ConfigError, config_to_dict, load_config, save_config
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tiny import (
 )
 
 from seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
-from seesr.rca import RCA_MODULE_NAME
+from seesr.models.rca import RCA_MODULE_NAME
 
 
 def stock_config(config: dict) -> dict:

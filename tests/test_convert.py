@@ -21,6 +21,11 @@ def released(tmp_path_factory):
     return root, unet_state, controlnet_state
 
 
+def convert_args(root, out, *extra: str) -> list[str]:
+    """``seesr convert`` of the released tiny SeeSR folder onto the tiny SD2 folder in ``root``, into ``out``."""
+    return ["convert", "--sd", str(root / "sd2"), "--seesr", str(root / "seesr"), "-o", str(out), *extra]
+
+
 def test_convert_builds_a_loadable_pipeline(released, tmp_path):
     root, unet_state, controlnet_state = released
     out = tmp_path / "pipe"
@@ -48,24 +53,8 @@ def test_convert_builds_a_loadable_pipeline(released, tmp_path):
     ).images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
     # An existing output is never clobbered without --overwrite.
-    assert main(["convert", "--sd", str(root / "sd2"), "--seesr", str(root / "seesr"), "-o", str(out)]) == 1
-    assert (
-        main(
-            [
-                "convert",
-                "--sd",
-                str(root / "sd2"),
-                "--seesr",
-                str(root / "seesr"),
-                "-o",
-                str(out),
-                "--overwrite",
-                "--dtype",
-                "fp16",
-            ]
-        )
-        == 0
-    )
+    assert main(convert_args(root, out)) == 1
+    assert main(convert_args(root, out, "--overwrite", "--dtype", "fp16")) == 0
     assert json.loads((out / "unet" / "config.json").read_text())["_class_name"] == "SeeSRUNet2DConditionModel"
 
 
@@ -106,19 +95,7 @@ def test_missing_and_mismatched_files_are_clear_errors(released, tmp_path, caplo
 
     caplog.clear()
     with caplog.at_level(logging.ERROR):
-        code = main(
-            [
-                "convert",
-                "--sd",
-                str(root / "sd2"),
-                "--seesr",
-                str(root / "seesr"),
-                "-o",
-                str(tmp_path / "y"),
-                "--ram",
-                str(tmp_path / "ram.pth"),
-            ]
-        )
+        code = main(convert_args(root, tmp_path / "y", "--ram", str(tmp_path / "ram.pth")))
     assert code == 2 and "--tag-list" in caplog.text
 
 
@@ -127,7 +104,7 @@ def test_convert_with_dape_and_upscale_writes_tags(released, tmp_path):
     from tiny_dape import TINY_DAPE_CONFIG, tiny_dape
 
     from dape.convert import convert_ram_checkpoint
-    from seesr.convert import DAPEFiles, convert_seesr
+    from seesr.cli.convert import DAPEFiles, convert_seesr
 
     root, _, _ = released
     architecture = {**TINY_DAPE_CONFIG, "projection_dim": 512}  # the SeeSR UNet's RCA width
@@ -185,7 +162,7 @@ def test_convert_dape_only_folder(tmp_path, caplog):
     from tiny_dape import TINY_DAPE_CONFIG, tiny_dape
 
     from dape import DAPEModel
-    from seesr.convert import DAPEFiles, convert_dape
+    from seesr.cli.convert import DAPEFiles, convert_dape
 
     source = tiny_dape()
     torch.save({"model": original_layout(source)}, tmp_path / "ram.pth")

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from seesr.data import ImageFolderDataset, collate, random_crop, read_list_file
+from seesr.data.image_folder import ImageFolderDataset, collate, random_crop, read_list_file
 
 
 def _image(path: Path, width: int, height: int, seed: int = 0) -> Path:
@@ -85,7 +85,7 @@ def test_unreadable_file_is_skipped_with_one_log(folder: Path, caplog: pytest.Lo
     broken.write_bytes(b"not a png")
     dataset = ImageFolderDataset(folder, resolution=8)
     assert len(dataset) == 3
-    with caplog.at_level(logging.WARNING, logger="seesr.data"):
+    with caplog.at_level(logging.WARNING, logger="seesr.data.image_folder"):
         first, again = dataset[0], dataset[0]
     assert first["path"].endswith("a.png") and again["path"].endswith("a.png")
     messages = [r.getMessage() for r in caplog.records if "0_broken.png" in r.getMessage()]

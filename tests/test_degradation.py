@@ -11,7 +11,7 @@ import torch
 import yaml
 from PIL import Image
 
-from seesr.degradation import (
+from seesr.data.degradation import (
     KERNEL_TYPES,
     DegradationConfig,
     add_noise,
@@ -23,7 +23,7 @@ from seesr.degradation import (
     sinc_kernels,
     usm_sharpen,
 )
-from seesr.jpeg import jpeg_compress, jpeg_tables
+from seesr.data.jpeg import jpeg_compress, jpeg_tables
 
 CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "degradation" / "realesrgan.yaml"
 

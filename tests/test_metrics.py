@@ -104,7 +104,7 @@ def test_pyiqa_missing_error_names_extra_and_licence():
 
 def _evaluate(monkeypatch, argv: list[str]) -> int:
     # Only this sub-command is registered, so the test does not import the other commands' heavy modules.
-    monkeypatch.setattr(cli, "COMMANDS", {"evaluate": "seesr.evaluate"})
+    monkeypatch.setattr(cli, "COMMANDS", {"evaluate": "seesr.cli.evaluate"})
     return cli.main(["evaluate", *argv])
 
 

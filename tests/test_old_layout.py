@@ -42,28 +42,17 @@ def test_fixture_names_the_old_module_paths():
 
 
 @pytest.mark.parametrize("loader", ["class", "diffusers"])
-def test_old_seesr_folder_loads_and_matches(loader):
+@pytest.mark.parametrize("kind", ["seesr", "tgsr"])
+def test_old_folder_loads_and_matches(kind, loader):
     from diffusers import DiffusionPipeline
 
-    from pipelines import SeeSRPipeline
+    import pipelines
 
+    folder = OLD / f"{kind}_pipeline"
+    name, run = ("SeeSRPipeline", run_seesr) if kind == "seesr" else ("TGSRPipeline", run_tgsr)
     if loader == "class":
-        pipe = SeeSRPipeline.from_pretrained(OLD / "seesr_pipeline")
+        pipe = getattr(pipelines, name).from_pretrained(folder)
     else:
-        pipe = DiffusionPipeline.from_pretrained(OLD / "seesr_pipeline", trust_remote_code=True)
-    assert type(pipe).__name__ == "SeeSRPipeline"
-    np.testing.assert_array_equal(run_seesr(pipe), np.load(OLD / "seesr_expected.npy"))
-
-
-@pytest.mark.parametrize("loader", ["class", "diffusers"])
-def test_old_tgsr_folder_loads_and_matches(loader):
-    from diffusers import DiffusionPipeline
-
-    from pipelines import TGSRPipeline
-
-    if loader == "class":
-        pipe = TGSRPipeline.from_pretrained(OLD / "tgsr_pipeline")
-    else:
-        pipe = DiffusionPipeline.from_pretrained(OLD / "tgsr_pipeline", trust_remote_code=True)
-    assert type(pipe).__name__ == "TGSRPipeline"
-    np.testing.assert_array_equal(run_tgsr(pipe), np.load(OLD / "tgsr_expected.npy"))
+        pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
+    assert type(pipe).__name__ == name
+    np.testing.assert_array_equal(run(pipe), np.load(OLD / f"{kind}_expected.npy"))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from seesr.degradation import DegradationConfig
-from seesr.pairs import make_pairs
 
 import seesr.cli
+from seesr.data.degradation import DegradationConfig
+from seesr.data.pairs import make_pairs
 
 
 @pytest.fixture

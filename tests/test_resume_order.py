@@ -3,7 +3,7 @@
 import torch
 from torch.utils.data import DataLoader
 
-from seesr.training import TrainingArgs, epoch_batches, make_accelerator, resume_step, save_checkpoint
+from seesr.training.loop import TrainingArgs, epoch_batches, make_accelerator, resume_step, save_checkpoint
 
 
 def take(batches, n):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tgsr_tiny import BERT_VOCAB, tiny_bert_tokenizer, tiny_model, tiny_text_encoder
 
-from seesr.tgsr import TGSRModel, encode_text, resolve_text_encoder_path
+from seesr.models.tgsr import TGSRModel, encode_text, resolve_text_encoder_path
 
 
 @pytest.fixture(scope="module")

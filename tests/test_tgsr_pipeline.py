@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from tgsr_tiny import tiny_bert_tokenizer, tiny_model, tiny_text_encoder
 
-from pipelines.pipeline_tgsr import TGSRPipeline, blend_weights, tile_starts
-from seesr.tgsr import DEFAULT_TEXT_ENCODER
+from pipelines.pipeline_tgsr import TGSRPipeline, blend_weights
+from pipelines.tiling import tile_starts
+from seesr.models.tgsr import DEFAULT_TEXT_ENCODER
 
 
 @pytest.fixture(scope="module")
@@ -64,10 +65,10 @@ def test_prompt_changes_the_output(pipe):
 
 def test_tile_starts_cover_with_overlap():
     for length, tile, overlap in [(100, 32, 8), (33, 32, 8), (64, 32, 0), (500, 256, 32)]:
-        starts = tile_starts(length, tile, overlap)
+        starts = tile_starts(length, tile, overlap, spread=True)
         assert starts[0] == 0 and starts[-1] + tile == length
         assert all(b - a <= tile - overlap for a, b in zip(starts, starts[1:]))
-    assert tile_starts(20, 32, 8) == [0]
+    assert tile_starts(20, 32, 8, spread=True) == [0]
     weights = blend_weights(16, 16, ramp=4)
     assert weights.min() > 0 and weights[8, 8] == 1 and weights[0, 0] < weights[2, 2]
 
@@ -125,7 +126,7 @@ def test_save_and_load_with_a_copied_text_encoder(pipe, tmp_path):
 
 
 def test_save_with_a_package_reference_does_not_copy_the_encoder(tmp_path):
-    from seesr.tgsr import load_text_encoder
+    from seesr.models.tgsr import load_text_encoder
 
     text_encoder, tokenizer = load_text_encoder(DEFAULT_TEXT_ENCODER)
     pipeline = TGSRPipeline(
@@ -152,9 +153,9 @@ def test_save_with_a_package_reference_does_not_copy_the_encoder(tmp_path):
 
 def test_bundled_default_beats_bicubic_on_the_example():
     """The committed weights load offline (text encoder from its package) and beat bicubic on the held-out demo."""
+    from seesr.data.captioned import _package_photo
     from seesr.metrics import psnr
-    from seesr.tgsr import default_model_path
-    from seesr.tgsr_data import _package_photo
+    from seesr.models.tgsr import default_model_path
 
     root = default_model_path().parents[1]
     pipeline = TGSRPipeline.from_pretrained(default_model_path())
@@ -181,7 +182,7 @@ def test_bundled_default_loads_through_diffusers_in_a_fresh_process(tmp_path):
     import subprocess
     import sys
 
-    from seesr.tgsr import default_model_path
+    from seesr.models.tgsr import default_model_path
 
     script = (
         "import sys, torch\n"

@@ -13,10 +13,15 @@ import pytest
 import torch
 from tgsr_tiny import captioned_folder, save_tiny_text_encoder, tiny_clip, tiny_model
 
-from seesr.config import ConfigError, load_config
-from seesr.tgsr import load_text_encoder
-from seesr.tgsr_data import CaptionedImageDataset, bicubic_downscale, prepare_package_photos, read_captioned_images
-from seesr.tgsr_train import (
+from seesr.data.captioned import (
+    CaptionedImageDataset,
+    bicubic_downscale,
+    prepare_package_photos,
+    read_captioned_images,
+)
+from seesr.models.tgsr import load_text_encoder
+from seesr.training.config import ConfigError, load_config
+from seesr.training.tgsr import (
     CLIPDetailLoss,
     TextFeatureCache,
     TGSRDataConfig,

@@ -1,26 +1,24 @@
-"""SeeSR training (seesr/train.py): config checks, one step in-process (which parameters move, loss targets), an
-`accelerate launch` run with checkpoint, validation and export, an in-process resume, and a two-process run."""
+"""SeeSR training (seesr/training/controlnet.py): config checks, one step in-process (which parameters move, loss
+targets), an `accelerate launch` run with checkpoint, validation and export, an in-process resume, and a two-process
+run."""
 
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_training import write_dape_folder, write_images, write_lq_image, write_sd2_folder
+from tiny_training import ENV, ROOT, launch_script, write_dape_folder, write_images, write_lq_image, write_sd2_folder
 
-from seesr.config import ConfigError, load_config
-from seesr.data import ImageFolderDataset, collate
-from seesr.train import SeeSRTrainConfig, main, setup_training, training_loss
-from seesr.training import list_checkpoints
+from seesr.data.image_folder import ImageFolderDataset, collate
+from seesr.training.config import ConfigError, load_config
+from seesr.training.controlnet import SeeSRTrainConfig, main, setup_training, training_loss
+from seesr.training.loop import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "controlnet.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +157,7 @@ def test_loss_target_follows_the_scheduler(inputs, tmp_path, monkeypatch, predic
         seen.update(latents=latents, cond=cond)
         return torch.zeros_like(latents)
 
-    monkeypatch.setattr("seesr.train.predict_noise", fake_predict)
+    monkeypatch.setattr("seesr.training.controlnet.predict_noise", fake_predict)
     monkeypatch.setattr(setup.parts.scheduler, "get_velocity", lambda x, noise, t: torch.full_like(x, 3.0))
     run = lambda: training_loss(setup.parts, setup.unet, setup.controlnet, _batch(cfg), cfg,  # noqa: E731
                                 torch.Generator().manual_seed(0))  # fmt: skip
@@ -199,11 +197,8 @@ def test_accelerate_launch_checkpoint_validation_resume_export(inputs, tmp_path,
         "validation.num_inference_steps": 1,
         "validation.process_size": 64,
     }
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
-              "--mixed_precision=no", "--dynamo_backend=no", "--cpu"]  # fmt: skip
     args = ["--config", str(CONFIG), "--report_to", "tensorboard", *overrides(inputs, out, 2, **extra)]
-    result = subprocess.run([*launch, str(ROOT / "train_controlnet.py"), *args], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    result = launch_script("train_controlnet.py", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 of 3 training images have no tag file: they are tagged on the fly by DAPE" in result.stderr
     assert (out / "config.yaml").is_file() and list((out / "logs").rglob("events.out.tfevents*"))

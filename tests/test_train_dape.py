@@ -4,24 +4,19 @@
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_training import write_dape_folder, write_images, write_lq_image
+from tiny_training import ROOT, launch_script, write_dape_folder, write_images, write_lq_image
 
 from dape.train import DAPETrainConfig, distillation_loss, load_models, main, multistep_lr_scheduler
-from seesr.config import ConfigError, load_config
-from seesr.data import ImageFolderDataset, collate
-from seesr.training import list_checkpoints
+from seesr.data.image_folder import ImageFolderDataset, collate
+from seesr.training.config import ConfigError, load_config
+from seesr.training.loop import list_checkpoints
 
-ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "dape.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +112,8 @@ def test_accelerate_launch_checkpoint_resume_export(inputs, tmp_path, caplog):
 
     out = tmp_path / "run"
     extra = {"train.checkpointing_steps": 2, "lr_milestones": "[1]"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
-              "--mixed_precision=no", "--dynamo_backend=no", "--cpu"]  # fmt: skip
     args = ["--config", str(CONFIG), "--report_to", "tensorboard", *overrides(inputs, out, 2, **extra)]
-    result = subprocess.run([*launch, str(ROOT / "train_dape.py"), *args], cwd=tmp_path, env=ENV,
-                            capture_output=True, text=True, timeout=240)  # fmt: skip
+    result = launch_script("train_dape.py", args, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = out / "checkpoint-2"
     assert {p.name for p in checkpoint.iterdir()} == {

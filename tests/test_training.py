@@ -9,8 +9,8 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from seesr.config import load_config
-from seesr.training import (
+from seesr.training.config import load_config
+from seesr.training.loop import (
     TrainingArgs,
     cast_training_params,
     count_parameters,
@@ -68,7 +68,7 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _train(args: TrainingArgs) -> tuple[Toy, torch.optim.Optimizer, int]:
-    """The reference stage loop from seesr.training's docstring, on a toy model."""
+    """The reference stage loop (the building blocks of seesr.training.loop), on a toy model."""
     accelerator = make_accelerator(args, "toy")
     torch.manual_seed(123 if args.resume else 0)  # a resumed run starts from different weights on purpose
     model = Toy()
@@ -211,7 +211,7 @@ def test_parameter_helpers(tmp_path, caplog):
 
     accelerator = make_accelerator(_args(tmp_path), "toy")
     assert unwrap(accelerator, torch.compile(model)) is model
-    with caplog.at_level(logging.INFO, logger="seesr.training"):
+    with caplog.at_level(logging.INFO, logger="seesr.training.loop"):
         values = log_step(accelerator, _args(tmp_path, logging_steps=2), 4, {"loss": torch.tensor(0.5), "lr": 1})
     assert values == {"loss": 0.5, "lr": 1.0}
     assert "step 4/10000: loss=0.5, lr=1" in caplog.text
@@ -225,7 +225,7 @@ DDP_SCRIPT = """
 import json, sys
 import torch
 from tests.test_training import Toy
-from seesr.training import (TrainingArgs, make_accelerator, make_lr_scheduler, make_optimizer,
+from seesr.training.loop import (TrainingArgs, make_accelerator, make_lr_scheduler, make_optimizer,
     register_save_load_hooks, resume_step, save_checkpoint, trainable_parameters, unwrap)
 
 out = sys.argv[1]

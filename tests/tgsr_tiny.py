@@ -76,7 +76,7 @@ TINY_MODEL = {
 
 def tiny_model(seed: int = 0, perturb: bool = True, text_dim: int = 32, **overrides):
     """A tiny TGSRModel; `perturb` adds noise to every weight so the zero-initialised heads are not identities."""
-    from seesr.tgsr import TGSRModel
+    from seesr.models.tgsr import TGSRModel
 
     torch.manual_seed(seed)
     model = TGSRModel(text_dim=text_dim, **{**TINY_MODEL, **overrides})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,18 @@ import torch
 from PIL import Image
 from tiny import SD2_SCHEDULER, tiny_text_encoder, tiny_tokenizer, tiny_unet_config, tiny_vae
 from tiny_dape import tiny_dape
+
+ROOT = Path(__file__).resolve().parents[1]
+#: the environment of the `accelerate launch` / script runs: one thread each, offline, this checkout first
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+
+
+def launch_script(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``accelerate launch`` (one CPU process, no mixed precision) of the checkout's ``script`` with ``args``."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes=1", "--num_machines=1",
+              "--mixed_precision=no", "--dynamo_backend=no", "--cpu"]  # fmt: skip
+    command = [*launch, str(ROOT / script), *args]
+    return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
 
 
 def write_sd2_folder(path: Path, prediction_type: str = "epsilon") -> Path:

@@ -16,9 +16,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from seesr.dtypes import DTYPE_NAMES
+from seesr.dtypes import torch_dtype as to_torch_dtype
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+logger = logging.getLogger(__name__)
 
 
 class ConversionError(ValueError):
@@ -102,7 +103,6 @@ def convert_seesr(
 
     The folder is written to a temporary sibling and renamed into place, so a failure leaves nothing behind.
     """
-    import torch
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import AutoTokenizer, CLIPTextModel
 
@@ -111,8 +111,8 @@ def convert_seesr(
     from seesr.models.unet import SeeSRUNet2DConditionModel
 
     seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPE_NAMES:
+        raise ConversionError(f"dtype: expected one of {list(DTYPE_NAMES)}, got {dtype!r}")
     if output_dir.exists() and not overwrite:
         raise ConversionError(f"{output_dir}: already exists (pass --overwrite to replace it)")
     _check_sd_folder(sd)
@@ -120,7 +120,7 @@ def convert_seesr(
     if dape is not None:
         _check_dape_files(dape)
 
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    torch_dtype = to_torch_dtype(dtype)
     logger.info("loading the SeeSR unet and controlnet from %s", seesr_dir)
     unet = SeeSRUNet2DConditionModel.from_pretrained(seesr_dir / "unet", torch_dtype=torch_dtype)
     controlnet = SeeSRControlNetModel.from_pretrained(seesr_dir / "controlnet", torch_dtype=torch_dtype)
@@ -187,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dape", type=Path, help="DAPE.pth (LoRA weights; without it plain RAM is used)")
     parser.add_argument("--tag-list", type=Path, help="ram_tag_list.txt")
     parser.add_argument("--tag-thresholds", type=Path, help="ram_tag_list_threshold.txt")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the saved weights")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
 
 

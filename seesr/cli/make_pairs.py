@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from seesr.data.pairs import make_pairs  # standard library only at import time
+
 logger = logging.getLogger(__name__)
 
 
@@ -28,7 +30,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from seesr.data.degradation import DegradationConfig
-    from seesr.data.pairs import make_pairs
 
     try:
         config = DegradationConfig.from_yaml(args.config) if args.config else DegradationConfig()

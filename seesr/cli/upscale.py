@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from seesr.dtypes import DTYPE_NAMES, torch_dtype
+
 logger = logging.getLogger(__name__)
 
 SCHEDULERS = {
@@ -21,7 +23,6 @@ SCHEDULERS = {
     "unipc": "UniPCMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
 }
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 FORMATS = ("png", "jpg", "webp", "tif")
 
 
@@ -74,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="SeeSR VAE tile size in pixels ('none' disables)",
     )
     parser.add_argument("--scheduler", choices=list(SCHEDULERS), help="SeeSR sampler (default: the model's, DDPM)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="model dtype")
+    parser.add_argument("--dtype", choices=list(DTYPE_NAMES), default="fp32", help="model dtype")
     parser.add_argument(
         "--device", help="torch device (default: cuda if available, else cpu; accelerate's under launch)"
     )
@@ -177,7 +178,7 @@ def upscale_files(args: argparse.Namespace) -> int:
         list(zip(files, output_names(files, args.format), strict=True)), state.process_index, state.num_processes
     )
     device = torch.device(args.device) if args.device else state.device
-    dtype = getattr(torch, DTYPES[args.dtype])
+    dtype = torch_dtype(args.dtype)
     try:
         pipe, kind = load_pipeline(args.model, device, dtype)
         kwargs = pipeline_kwargs(kind, args)

@@ -11,8 +11,7 @@ The names of the former ``seesr.data`` module (`ImageFolderDataset`, `collate`, 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from seesr.lazy import lazy_exports
 
 _EXPORTS = {
     name: "seesr.data.image_folder"
@@ -22,7 +21,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'seesr.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

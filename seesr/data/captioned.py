@@ -13,13 +13,19 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 from PIL import Image
 from torch.utils.data import Dataset
 
-from seesr.image_io import IMAGE_EXTENSIONS, atomic_save_image, atomic_write_text, load_image
+from seesr.image_io import (
+    IMAGE_EXTENSIONS,
+    atomic_save_image,
+    atomic_write_text,
+    load_image,
+    pil_to_tensor,
+    tensor_to_pil,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,23 +71,12 @@ def read_captioned_images(source: str | Path) -> list[CaptionedImage]:
     return items
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """8-bit RGB PIL image -> float `(3, H, W)` tensor in `[0, 1]`."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-
-
-def to_pil(image: torch.Tensor) -> Image.Image:
-    """float `(3, H, W)` tensor in `[0, 1]` -> 8-bit RGB PIL image (rounded, clamped)."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, "RGB")
-
-
 def bicubic_downscale(gt: torch.Tensor, factor: int) -> torch.Tensor:
     """Bicubic LR of a `(B, 3, H, W)` `[0, 1]` batch, through 8-bit PIL (the benchmark's and users' LR)."""
     if factor < 1 or gt.shape[-1] % factor or gt.shape[-2] % factor:
         raise ValueError(f"factor: {factor!r} must be >= 1 and divide the size {tuple(gt.shape[-2:])}")
     size = (gt.shape[-1] // factor, gt.shape[-2] // factor)
-    lq = [to_tensor(to_pil(image).resize(size, Image.BICUBIC)) for image in gt]
+    lq = [pil_to_tensor(tensor_to_pil(image).resize(size, Image.BICUBIC)) for image in gt]
     return torch.stack(lq).to(device=gt.device, dtype=gt.dtype)
 
 
@@ -132,7 +127,7 @@ class CaptionedImageDataset(Dataset):
         image = self._image(item_index)
         left = int(torch.randint(0, image.width - self.resolution + 1, ()))
         top = int(torch.randint(0, image.height - self.resolution + 1, ()))
-        gt = to_tensor(image.crop((left, top, left + self.resolution, top + self.resolution)))
+        gt = pil_to_tensor(image.crop((left, top, left + self.resolution, top + self.resolution)))
         if self.random_flip and bool(torch.rand(()) < 0.5):
             gt = gt.flip(-1)
         return {"gt": gt, "caption": self.items[item_index].caption}

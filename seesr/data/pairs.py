@@ -46,17 +46,10 @@ def _output_names(files: list[Path]) -> list[str]:
     return names
 
 
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, mode="RGB")
-
-
 def _write_batch(gt: torch.Tensor, lq: torch.Tensor, scale: int, names: list[str], output_dir: Path) -> None:
     import torch.nn.functional as F
 
-    from seesr.image_io import atomic_save_image
+    from seesr.image_io import atomic_save_image, tensor_to_pil
 
     if lq.shape[-2:] == gt.shape[-2:]:
         sr = lq
@@ -64,7 +57,7 @@ def _write_batch(gt: torch.Tensor, lq: torch.Tensor, scale: int, names: list[str
         sr = F.interpolate(lq, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
     for index, name in enumerate(names):
         for folder, images in zip(SUBFOLDERS, (gt, lq, sr)):
-            atomic_save_image(_to_pil(images[index]), output_dir / folder / f"{name}.png")
+            atomic_save_image(tensor_to_pil(images[index]), output_dir / folder / f"{name}.png")
 
 
 def make_pairs(

@@ -11,8 +11,7 @@ Room for more networks (e.g. one-step LoRA surgery) as one module each. Exports 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from seesr.lazy import lazy_exports
 
 _EXPORTS = {
     "SeeSRUNet2DConditionModel": "seesr.models.unet",
@@ -26,7 +25,4 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'seesr.models' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -18,6 +18,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,15 +92,56 @@ def load_text_encoder(source: str, torch_dtype: torch.dtype | None = None):
     return text_encoder, tokenizer
 
 
+class TextFeatures(NamedTuple):
+    """The text features TGSRModel takes, from `encode_text` (the one text builder of the pipeline and training)."""
+
+    token_embeds: torch.Tensor  #: (batch, tokens, dim), the encoder's last hidden states
+    token_mask: torch.Tensor  #: (batch, tokens), True for real tokens
+    pooled: torch.Tensor  #: (batch, dim), the masked mean of the tokens (the sentence feature)
+
+    def item(self, index: int) -> TextFeatures:
+        """Prompt ``index`` alone (batch of 1), trimmed to its real tokens."""
+        length = int(self.token_mask[index].sum())
+        return TextFeatures(
+            self.token_embeds[index : index + 1, :length],
+            self.token_mask[index : index + 1, :length],
+            self.pooled[index : index + 1],
+        )
+
+    @classmethod
+    def stack(cls, items: list[TextFeatures]) -> TextFeatures:
+        """One batch of single-prompt features, padded (masked) to the longest."""
+        longest = max(item.token_embeds.shape[1] for item in items)
+        first = items[0].token_embeds
+        token_embeds = first.new_zeros(len(items), longest, first.shape[-1])
+        token_mask = torch.zeros(len(items), longest, dtype=torch.bool, device=first.device)
+        for i, item in enumerate(items):
+            length = item.token_embeds.shape[1]
+            token_embeds[i, :length], token_mask[i, :length] = item.token_embeds[0], item.token_mask[0]
+        return cls(token_embeds, token_mask, torch.cat([item.pooled for item in items]))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> TextFeatures:
+        """On ``device``; the embeddings (not the mask) in ``dtype``."""
+        return TextFeatures(
+            self.token_embeds.to(device, dtype), self.token_mask.to(device), self.pooled.to(device, dtype)
+        )
+
+    def model_kwargs(self) -> dict[str, torch.Tensor]:
+        """The keyword arguments of `TGSRModel.forward` that carry the text."""
+        return {
+            "encoder_hidden_states": self.token_embeds,
+            "pooled_text_embeds": self.pooled,
+            "encoder_attention_mask": self.token_mask,
+        }
+
+
 @torch.no_grad()
-def encode_text(
-    text_encoder: nn.Module, tokenizer, prompts: list[str], max_length: int = 64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_text(text_encoder: nn.Module, tokenizer, prompts: list[str], max_length: int = 64) -> TextFeatures:
     """Encode prompts with a frozen transformers text encoder.
 
-    Returns `(token_embeds, token_mask, pooled)`: the last hidden states `(batch, tokens, dim)`, a boolean mask of
-    real tokens `(batch, tokens)`, and their masked mean `(batch, dim)` as the sentence feature. Tokens are padded
-    to the longest prompt; the model masks the padding, so results do not depend on it.
+    Returns `TextFeatures(token_embeds, token_mask, pooled)`: the last hidden states `(batch, tokens, dim)`, a
+    boolean mask of real tokens `(batch, tokens)`, and their masked mean `(batch, dim)` as the sentence feature.
+    Tokens are padded to the longest prompt; the model masks the padding, so results do not depend on it.
     """
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompts: expected a list of str, got {prompts!r}")
@@ -110,7 +152,7 @@ def encode_text(
     hidden = text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     weights = attention_mask.unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-    return hidden, attention_mask.bool(), pooled
+    return TextFeatures(hidden, attention_mask.bool(), pooled)
 
 
 class ResBlock(nn.Module):

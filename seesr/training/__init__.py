@@ -1,7 +1,7 @@
 """Training: shared plumbing, the typed config loader and one module per trainer.
 
-- `loop`: the plumbing every trainer uses (accelerator, optimizer, LR schedule, checkpoints and exact resume,
-  logging, seeded data order and per-step generators, the gradient step);
+- `loop`: the loop every trainer runs (`TrainingJob` + `run_training`) and its plumbing (accelerator, optimizer,
+  LR schedule, checkpoints and exact resume, logging, seeded data order and step generators, the gradient step);
 - `config`: typed YAML configs (dataclasses) with ``key=value`` overrides;
 - `controlnet`: the SeeSR ControlNet (+ RCA) trainer (``train_controlnet.py``);
 - `tgsr`: the TGSR trainer (``train_tgsr.py``);

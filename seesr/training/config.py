@@ -172,3 +172,9 @@ def parse_cli(description: str, argv: list[str] | None) -> tuple[Path | None, li
         if getattr(parsed, name) is not None:
             overrides.append(f"train.{name}={getattr(parsed, name)}")
     return parsed.config, overrides
+
+
+def config_from_cli(cls: type[T], description: str, argv: list[str] | None = None) -> T:
+    """A trainer's config from its command line (`parse_cli`): ``--config`` YAML, run flags, ``key=value``."""
+    path, overrides = parse_cli(description, argv)
+    return load_config(cls, path, overrides)

@@ -12,6 +12,7 @@ See docs/training_seesr.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,12 +21,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from seesr.conditioning import encode_prompt
+from seesr.conditioning import build_condition
 from seesr.data.degradation import DegradationConfig, degraded_condition
-from seesr.denoise import SeeSRCondition, predict_noise
+from seesr.denoise import predict_noise
 from seesr.models.rca import RCA_MODULE_NAME
-from seesr.training.config import config_to_dict, load_config, parse_cli
-from seesr.training.loop import TrainingArgs, epoch_batches, step_generator
+from seesr.training.config import config_from_cli
+from seesr.training.loop import TrainingArgs, TrainingJob, run_training, shuffled_loader, start_training
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -255,14 +256,14 @@ def training_loss(
     with torch.no_grad():
         # 1. degrade on the device; the bicubic-upscaled LQ is the ControlNet condition and DAPE's input
         target_image, control_image = degraded_condition(gt, cfg.degradation, generator)
-        # 2. text and representation embeddings
+        # 2. the condition, built as the pipeline builds it: the prompts are the tags (pre-extracted, else DAPE's of
+        # the GT) after null-text dropout; DAPE's tokens come from the upscaled LQ resized bicubically (as SeeSR's
+        # training: F.interpolate to DAPE's size, clamped, normalised)
         prompts = batch_prompts(parts, batch["tags"], target_image, cfg.null_text_ratio, generator)
-        prompt_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompts, device)
-        image_embeds = None
-        if parts.dape is not None:
-            # As SeeSR's training: bicubic F.interpolate of the upscaled LQ to DAPE's size, clamped, normalised.
-            pixel_values = parts.dape.preprocess(control_image, mode="bicubic")
-            image_embeds = parts.dape(pixel_values, output_logits=False).image_embeds
+        cond, _ = build_condition(
+            control_image, prompts, parts.tokenizer, parts.text_encoder, dape=parts.dape, dape_resize="bicubic"
+        )
+        cond = dataclasses.replace(cond, prompt_embeds=cond.prompt_embeds.to(weight_dtype))  # tokens keep theirs
         # 3. latents, noise, timesteps
         posterior = parts.vae.encode(target_image.to(weight_dtype) * 2 - 1).latent_dist
         latents = posterior.sample(generator=generator).float() * parts.vae.config.scaling_factor
@@ -278,7 +279,6 @@ def training_loss(
         else:
             raise ValueError(f"scheduler prediction_type={prediction_type!r}: expected epsilon or v_prediction")
     # 4. ControlNet then UNet, through the function the pipeline uses
-    cond = SeeSRCondition(prompt_embeds.to(weight_dtype), control_image, image_embeds)
     prediction = predict_noise(unet, controlnet, noisy_latents.to(weight_dtype), timesteps, cond)
     return F.mse_loss(prediction.float(), target.float(), reduction="mean")
 
@@ -416,34 +416,14 @@ def setup_training(cfg: SeeSRTrainConfig, device: torch.device | str, weight_dty
 
 def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
     """Train (or resume) SeeSR as configured; returns the exported pipeline folder."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     from seesr.data.image_folder import ImageFolderDataset, collate
-    from seesr.training.loop import (
-        apply_gradients,
-        count_parameters,
-        finish_step,
-        frozen_weight_dtype,
-        make_accelerator,
-        make_lr_scheduler,
-        make_optimizer,
-        register_save_load_hooks,
-        resume_step,
-        trainable_parameters,
-        unwrap,
-        write_resolved_config,
-    )
+    from seesr.training.loop import count_parameters, frozen_weight_dtype, trainable_parameters
 
     args = cfg.train
-    # 1. accelerator, models, data
-    accelerator = make_accelerator(args, "seesr-controlnet", config=config_to_dict(cfg))
-    write_resolved_config(cfg, args.output_dir, accelerator)
+    accelerator = start_training(cfg, "seesr-controlnet")
     weight_dtype = frozen_weight_dtype(accelerator)
     setup = setup_training(cfg, accelerator.device, weight_dtype)
-    parts, unet, controlnet = setup.parts, setup.unet, setup.controlnet
-    trained = {"controlnet": controlnet, **({"unet": unet} if setup.unet_trains else {})}
-    register_save_load_hooks(accelerator, trained)
+    parts, frozen_unet = setup.parts, setup.unet
     dataset = ImageFolderDataset(
         cfg.data.train_data, cfg.data.resolution, cfg.data.random_flip, cfg.data.tags_dir, seed=args.seed or 0
     )
@@ -451,59 +431,32 @@ def train_controlnet(cfg: SeeSRTrainConfig) -> Path:
     if untagged:
         how = "tagged on the fly by DAPE (from the GT)" if parts.dape is not None else "trained with an empty prompt"
         logger.warning("%d of %d training images have no tag file: they are %s", untagged, len(dataset), how)
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
+    loader = shuffled_loader(dataset, args, collate)
+    params = trainable_parameters(setup.controlnet) + trainable_parameters(setup.unet)
+
+    def loss(models, batch, generator):
+        unet = models.get("unet", frozen_unet)
+        return {"loss": training_loss(parts, unet, models["controlnet"], batch, cfg, generator, weight_dtype)}
+
+    def validate(models, step):
+        log_validation(accelerator, cfg, parts, (models.get("unet", frozen_unet), models["controlnet"]), step)
+
+    job = TrainingJob(
+        models={"controlnet": setup.controlnet, **({"unet": setup.unet} if setup.unet_trains else {})},
+        params=params,
+        loader=loader,
+        loss=loss,
+        export=lambda models: export_models(cfg, models.get("unet", frozen_unet), models["controlnet"]),
+        export_dir=Path(cfg.export_dir or args.output_dir) / "pipeline",
+        validate=validate if cfg.validation.images else None,
+        validation_steps=cfg.validation.steps,
+        description=f"SeeSR: {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters (ControlNet "
+        f"{count_parameters(setup.controlnet, True) / 1e6:.2f} M, UNet {count_parameters(setup.unet, True) / 1e6:.2f}"
+        " M)",
     )
-    # 2. optimizer and schedule over the ControlNet and the trainable UNet modules
-    params = trainable_parameters(controlnet) + trainable_parameters(unet)
-    optimizer = make_optimizer(params, args)
-    lr_scheduler = make_lr_scheduler(optimizer, args)
-    prepared = accelerator.prepare(*trained.values(), optimizer, loader, lr_scheduler)
-    models, (optimizer, loader, lr_scheduler) = list(prepared[: len(trained)]), prepared[len(trained) :]
-    controlnet = models[0]
-    unet = models[1] if setup.unet_trains else unet
-    step = resume_step(accelerator, args.output_dir, args.resume)
-    logger.info("SeeSR: %.2f M trainable parameters (ControlNet %.2f M, UNet %.2f M), %d images, step %d",
-                sum(p.numel() for p in params) / 1e6, count_parameters(unwrap(accelerator, controlnet), True) / 1e6,
-                count_parameters(unwrap(accelerator, unet), True) / 1e6, len(dataset), step)  # fmt: skip
-    # 3. loop
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
-    generator = step_generator(accelerator.device, args.seed, step, accelerator.process_index)
-    batches = epoch_batches(accelerator, loader, step)
-    while step < args.max_train_steps:
-        batch = next(batches)
-        with accelerator.accumulate(*models):
-            with accelerator.autocast():
-                loss = training_loss(parts, unet, controlnet, batch, cfg, generator, weight_dtype)
-            apply_gradients(accelerator, loss, params, optimizer, lr_scheduler, args.max_grad_norm)
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        finish_step(accelerator, args, step, {"loss": loss}, lr_scheduler, progress)
-        if cfg.validation.images and (step % cfg.validation.steps == 0 or step == args.max_train_steps):
-            if accelerator.is_main_process:
-                log_validation(accelerator, cfg, parts, (unet, controlnet), step)
-            accelerator.wait_for_everyone()
-    progress.close()
-    # 4. export
-    accelerator.wait_for_everyone()
-    export = Path(cfg.export_dir or args.output_dir) / "pipeline"
-    if accelerator.is_main_process:
-        export = export_models(cfg, unwrap(accelerator, unet), unwrap(accelerator, controlnet))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return export
+    return run_training(accelerator, args, job)
 
 
 def main(argv: list[str] | None = None) -> None:
-    config, overrides = parse_cli("Train SeeSR (ControlNet + RCA) on HR images with on-the-fly degradation.", argv)
-    train_controlnet(load_config(SeeSRTrainConfig, config, overrides))
-
-
-if __name__ == "__main__":
-    main()
+    description = "Train SeeSR (ControlNet + RCA) on HR images with on-the-fly degradation."
+    train_controlnet(config_from_cli(SeeSRTrainConfig, description, argv))

@@ -1,22 +1,32 @@
-"""Accelerate plumbing shared by every training stage (SeeSR ControlNet, DAPE, TGSR): no model specifics here.
+"""The training loop every trainer shares (SeeSR ControlNet, DAPE, TGSR, ...) and its plumbing: no model specifics.
 
-A stage embeds `TrainingArgs` in its config dataclass (as a `train:` block) and writes its own loop, e.g.::
+A trainer embeds `TrainingArgs` in its config dataclass (as a `train:` block), builds its models, data loader and
+loss, and hands them to `run_training` as a `TrainingJob`::
 
-    accelerator = make_accelerator(cfg.train, "seesr-controlnet", config=config_to_dict(cfg))
+    accelerator = make_accelerator(cfg.train, "my-trainer", config=config_to_dict(cfg))
     write_resolved_config(cfg, cfg.train.output_dir, accelerator)
-    register_save_load_hooks(accelerator, {"controlnet": controlnet})
-    optimizer = make_optimizer(trainable_parameters(controlnet), cfg.train)
-    lr_scheduler = make_lr_scheduler(optimizer, cfg.train)
-    controlnet, optimizer, loader, lr_scheduler = accelerator.prepare(controlnet, optimizer, loader, lr_scheduler)
-    step = resume_step(accelerator, cfg.train.output_dir, cfg.train.resume)
-    ...  # accumulate / backward / clip / step; then, once per optimizer step:
-    step += 1
-    log_step(accelerator, cfg.train, step, {"loss": loss, "lr": lr_scheduler.get_last_lr()[0]})
-    if step % cfg.train.checkpointing_steps == 0:
-        save_checkpoint(accelerator, cfg.train.output_dir, step, cfg.train.checkpoints_total_limit)
+    model = ...  # on accelerator.device; frozen parts in frozen_weight_dtype(accelerator)
+    job = TrainingJob(
+        models={"model": model},                      # prepared, checkpointed, resumed
+        params=trainable_parameters(model),
+        loader=DataLoader(dataset, batch_size=cfg.train.train_batch_size, shuffle=True),
+        loss=lambda models, batch, generator: {"loss": ...},   # models are the prepared ones
+        export=lambda models: save(models["model"]),          # unwrapped, main process, after the last step
+        export_dir=Path(cfg.train.output_dir) / "export",
+    )
+    return run_training(accelerator, cfg.train, job)
+
+`run_training` does the rest: optimizer and LR schedule, ``accelerator.prepare``, resume from ``train.resume``
+into the same shuffled order and position (`epoch_batches`), one generator per optimizer step seeded by
+(seed, step, process) for every random draw of the step function (`step_generator`), gradient accumulation,
+clipping and stepping (`apply_gradients`), logging, a non-finite-loss check and checkpoints when due
+(`finish_step`), validation when due, ``wait_for_everyone`` and the export on the main process. The step
+function of a resumed run draws what the uninterrupted run draws. The building blocks stay public for tests and
+special cases.
 
 Checkpoints are folders `output_dir/checkpoint-{step}` written by `accelerator.save_state`; every model named in
-`register_save_load_hooks` is stored in it with `save_pretrained` in a subfolder of that name.
+`register_save_load_hooks` (by default the job's ``models``) is stored in it with `save_pretrained` in a
+subfolder of that name.
 """
 
 from __future__ import annotations
@@ -25,14 +35,15 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from seesr.training.config import save_config
+from seesr.dtypes import torch_dtype
+from seesr.training.config import config_to_dict, save_config
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -152,6 +163,28 @@ def write_resolved_config(cfg: Any, output_dir: str | Path, accelerator: Acceler
     return path
 
 
+def start_training(cfg: Any, project_name: str) -> Accelerator:
+    """The accelerator for a trainer's config ``cfg`` (its ``train`` block, ``cfg`` as the trackers' hyperparameters),
+    with ``cfg`` written, resolved, to the output folder."""
+    accelerator = make_accelerator(cfg.train, project_name, config=config_to_dict(cfg))
+    write_resolved_config(cfg, cfg.train.output_dir, accelerator)
+    return accelerator
+
+
+def shuffled_loader(dataset: Any, args: TrainingArgs, collate_fn: Callable | None = None) -> Any:
+    """The training DataLoader: shuffled (seeded through the accelerator), full batches when the data allows."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        collate_fn=collate_fn,
+        drop_last=len(dataset) >= args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
+    )
+
+
 def make_optimizer(params: Iterable[Any], args: TrainingArgs) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' AdamW8bit when `args.use_8bit_adam`) over `params` (tensors or param groups)."""
     params = list(params)
@@ -208,7 +241,7 @@ def frozen_weight_dtype(accelerator: Accelerator) -> torch.dtype:
     On CPU the frozen weights stay float32 (autocast only): CPU autocast runs group_norm in the input's dtype, which
     fails on half weights next to float32 activations.
     """
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    dtype = torch_dtype(accelerator.mixed_precision)
     if accelerator.device.type == "cpu" and dtype != torch.float32:
         logger.info(
             "mixed precision %s on CPU: frozen weights stay float32 (autocast only)", accelerator.mixed_precision
@@ -429,3 +462,97 @@ def finish_step(
         raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
     if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
         save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
+
+
+# ---------------------------------------------------------------- the loop skeleton
+
+
+@dataclass
+class TrainingJob:
+    """What a trainer supplies to `run_training`: its models, data, loss, export (and optional validation).
+
+    - ``models``: the trained models by name. They are passed to ``accelerator.prepare`` in this order, handed
+      (prepared, i.e. possibly DDP-wrapped) to ``loss`` and (unwrapped) to ``validate`` and ``export``, and stored
+      in checkpoints by `register_save_load_hooks` unless ``checkpoint_hooks`` registers other hooks.
+    - ``params``: the parameters the optimizer trains (gradient clipping covers the same list).
+    - ``loader``: a DataLoader (shuffled by its sampler); `epoch_batches` resumes it into the same order/position.
+    - ``loss(models, batch, generator) -> {"loss": total, ...other terms}``: runs under autocast; the generator
+      (`step_generator`) is the only source of randomness of the step function.
+    - ``export(models) -> Path``: called once, on the main process, after the last step.
+    - ``export_dir``: what `run_training` returns on the other processes (the folder ``export`` writes).
+    - ``validate(models, step)``: on the main process every ``validation_steps`` steps and after the last step.
+    - ``make_lr_scheduler(optimizer)``: a schedule other than `make_lr_scheduler(optimizer, args)`.
+    - ``description``: a short log line of what is trained (e.g. parameter counts), logged with the start step.
+    """
+
+    models: Mapping[str, torch.nn.Module]
+    params: list[torch.nn.Parameter]
+    loader: Any
+    loss: Callable[[Mapping[str, torch.nn.Module], dict[str, Any], torch.Generator], Mapping[str, torch.Tensor]]
+    export: Callable[[Mapping[str, torch.nn.Module]], Path]
+    export_dir: Path
+    validate: Callable[[Mapping[str, torch.nn.Module], int], None] | None = None
+    validation_steps: int = 0
+    make_lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    checkpoint_hooks: Callable[[Accelerator], None] | None = None
+    description: str = ""
+
+
+def run_training(accelerator: Accelerator, args: TrainingArgs, job: TrainingJob) -> Path:
+    """The training loop every trainer shares; returns the exported folder.
+
+    Optimizer (`make_optimizer`) and LR schedule over ``job.params``; ``accelerator.prepare``; resume from
+    ``args.resume`` (`resume_step`). Then, per optimizer step: the next batches in the seeded, resumable order
+    (`epoch_batches`); ``job.loss`` under ``accumulate`` + ``autocast`` with the step's generator
+    (`step_generator(seed, step, process)`, shared by the step's micro-batches, so that a resumed run draws exactly
+    what an uninterrupted run draws); `apply_gradients`; then `finish_step` (log, finite-loss check, checkpoint when
+    due) and validation when due. At the end: ``wait_for_everyone``, ``job.export`` on the main process,
+    ``wait_for_everyone`` and ``end_training``. ``accelerator`` comes from `start_training` (or `make_accelerator`).
+    """
+    from tqdm.auto import tqdm
+
+    if job.checkpoint_hooks is not None:
+        job.checkpoint_hooks(accelerator)
+    else:
+        register_save_load_hooks(accelerator, job.models)
+    optimizer = make_optimizer(job.params, args)
+    lr_scheduler = job.make_lr_scheduler(optimizer) if job.make_lr_scheduler else make_lr_scheduler(optimizer, args)
+    names = list(job.models)
+    *prepared, optimizer, loader, lr_scheduler = accelerator.prepare(
+        *job.models.values(), optimizer, job.loader, lr_scheduler
+    )
+    models = dict(zip(names, prepared, strict=True))
+    plain = {name: unwrap(accelerator, model) for name, model in models.items()}
+    step = resume_step(accelerator, args.output_dir, args.resume)
+    logger.info(
+        "%s; %d training samples; starting at step %d", job.description or "training", len(loader.dataset), step
+    )
+    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
+    batches = epoch_batches(accelerator, loader, step)
+    generator = None
+    while step < args.max_train_steps:
+        if generator is None:  # one per optimizer step: a resumed run draws what the uninterrupted run drew
+            generator = step_generator(accelerator.device, args.seed, step, accelerator.process_index)
+        batch = next(batches)
+        with accelerator.accumulate(*models.values()):
+            with accelerator.autocast():
+                terms = job.loss(models, batch, generator)
+            apply_gradients(accelerator, terms["loss"], job.params, optimizer, lr_scheduler, args.max_grad_norm)
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        generator = None
+        finish_step(accelerator, args, step, terms, lr_scheduler, progress)
+        due = job.validation_steps and (step % job.validation_steps == 0 or step == args.max_train_steps)
+        if job.validate is not None and due:
+            if accelerator.is_main_process:
+                job.validate(plain, step)
+            accelerator.wait_for_everyone()
+    progress.close()
+    accelerator.wait_for_everyone()
+    export_dir = job.export_dir
+    if accelerator.is_main_process:
+        export_dir = job.export(plain)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return Path(export_dir)

@@ -8,7 +8,6 @@ At the end the trained model is exported as a `TGSRPipeline` folder (`export_dir
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -19,9 +18,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from seesr.models.tgsr import DEFAULT_TEXT_ENCODER, PACKAGE_PREFIX, TGSRModel, encode_text, load_text_encoder
-from seesr.training.config import config_to_dict, load_config
-from seesr.training.loop import TrainingArgs
+from seesr.models.tgsr import (
+    DEFAULT_TEXT_ENCODER,
+    PACKAGE_PREFIX,
+    TextFeatures,
+    TGSRModel,
+    encode_text,
+    load_text_encoder,
+)
+from seesr.training.config import config_from_cli, load_config
+from seesr.training.loop import TrainingArgs, TrainingJob, run_training, shuffled_loader, start_training
 
 logger = logging.getLogger(__name__)
 
@@ -99,26 +105,21 @@ class TGSRTrainConfig:
 
 
 class TextFeatureCache:
-    """Frozen text features per distinct caption, computed once; batches are padded to their longest caption."""
+    """Frozen text features (`encode_text`) per distinct caption, computed once; batches are padded to their longest
+    caption."""
 
     def __init__(self, text_encoder: nn.Module, tokenizer, max_length: int):
         self.text_encoder, self.tokenizer, self.max_length = text_encoder, tokenizer, max_length
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.cache: dict[str, TextFeatures] = {}
 
-    def __call__(self, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, captions: list[str], device: torch.device) -> TextFeatures:
         new = sorted({c for c in captions if c not in self.cache})
         if new:
-            tokens, mask, pooled = encode_text(self.text_encoder, self.tokenizer, new, self.max_length)
+            with torch.autocast(torch.device(device).type, enabled=False):  # as the pipeline: no mixed precision
+                features = encode_text(self.text_encoder, self.tokenizer, new, self.max_length)
             for i, caption in enumerate(new):
-                self.cache[caption] = (tokens[i, : int(mask[i].sum())].cpu(), pooled[i].cpu())
-        longest = max(self.cache[c][0].shape[0] for c in captions)
-        token_embeds = torch.zeros(len(captions), longest, self.cache[captions[0]][0].shape[-1])
-        token_mask = torch.zeros(len(captions), longest, dtype=torch.bool)
-        for i, caption in enumerate(captions):
-            length = self.cache[caption][0].shape[0]
-            token_embeds[i, :length], token_mask[i, :length] = self.cache[caption][0], True
-        pooled = torch.stack([self.cache[c][1] for c in captions])
-        return token_embeds.to(device), token_mask.to(device), pooled.to(device)
+                self.cache[caption] = features.item(i).to("cpu")
+        return TextFeatures.stack([self.cache[c] for c in captions]).to(device)
 
 
 class CLIPDetailLoss(nn.Module):
@@ -156,15 +157,25 @@ class CLIPDetailLoss(nn.Module):
         return (1 - (image_embeds * self.text_embeds(captions)).sum(-1)).mean()
 
 
-def make_lq(gt: torch.Tensor, factor: int, cfg: TGSRDataConfig, generator: torch.Generator):
-    """(lq, gt) for one batch: bicubic through 8-bit PIL, or the Real-ESRGAN degradation (lazy import)."""
+def degradation_config(cfg: TGSRDataConfig):
+    """The Real-ESRGAN degradation settings of ``cfg`` (read from ``degradation_config`` once), or None (bicubic)."""
+    if cfg.degradation == "bicubic":
+        return None
+    from seesr.data.degradation import DegradationConfig
+
+    return load_config(DegradationConfig, cfg.degradation_config) if cfg.degradation_config else DegradationConfig()
+
+
+def make_lq(gt: torch.Tensor, factor: int, cfg: TGSRDataConfig, generator: torch.Generator, degradation=None):
+    """(lq, gt) for one batch: bicubic through 8-bit PIL, or the Real-ESRGAN degradation (``degradation``: the
+    settings from `degradation_config`, read here when not given)."""
     from seesr.data.captioned import bicubic_downscale
 
     if cfg.degradation == "bicubic":
         return bicubic_downscale(gt, factor), gt
-    from seesr.data.degradation import DegradationConfig, degrade
+    from seesr.data.degradation import degrade
 
-    base = load_config(DegradationConfig, cfg.degradation_config) if cfg.degradation_config else DegradationConfig()
+    base = degradation if degradation is not None else degradation_config(cfg)
     out = degrade(gt, _with_scale(base, factor), generator)
     lq = out.lq
     size = (gt.shape[-2] // factor, gt.shape[-1] // factor)
@@ -184,10 +195,12 @@ def content_loss(kind: str, prediction: torch.Tensor, target: torch.Tensor) -> t
     return F.l1_loss(prediction, target) if kind == "l1" else F.mse_loss(prediction, target)
 
 
-def compute_loss(model, batch: dict, text: tuple, factor: int, cfg: TGSRTrainConfig, clip_loss, generator) -> dict:
+def compute_loss(
+    model, batch: dict, text: TextFeatures, factor: int, cfg: TGSRTrainConfig, clip_loss, generator, degradation=None
+) -> dict:
     """One training loss on a batch `{"gt", "caption"}`; returns a dict of named terms with "loss" the total."""
-    lq, gt = make_lq(batch["gt"], factor, cfg.data, generator)
-    output = model(lq, text[0], text[2], text[1], upscale=factor)
+    lq, gt = make_lq(batch["gt"], factor, cfg.data, generator, degradation)
+    output = model(lq, **text.model_kwargs(), upscale=factor)
     terms = {"content": content_loss(cfg.loss.content_loss, output.sample, gt)}
     total = cfg.loss.content_weight * terms["content"]
     if cfg.loss.coarse_weight > 0:
@@ -229,103 +242,44 @@ def export_pipeline(model: TGSRModel, text_encoder, tokenizer, cfg: TGSRTrainCon
 
 def train_tgsr(cfg: TGSRTrainConfig) -> Path:
     """Train (or resume) a TGSR model as configured; returns the exported pipeline folder."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
     from seesr.data.captioned import CaptionedImageDataset, collate_captioned
-    from seesr.training.loop import (
-        apply_gradients,
-        epoch_batches,
-        finish_step,
-        make_accelerator,
-        make_lr_scheduler,
-        make_optimizer,
-        register_save_load_hooks,
-        resume_step,
-        trainable_parameters,
-        unwrap,
-        write_resolved_config,
-    )
+    from seesr.training.loop import trainable_parameters
 
-    args = cfg.train
-    # 1. accelerator, frozen text encoder, model, optional CLIP
-    accelerator = make_accelerator(args, "tgsr", config=config_to_dict(cfg))
-    write_resolved_config(cfg, args.output_dir, accelerator)
+    args, data = cfg.train, cfg.data
+    accelerator = start_training(cfg, "tgsr")
     text_encoder, tokenizer = load_text_encoder(cfg.text_encoder)
     text_encoder.to(accelerator.device)
     model = build_model(cfg, text_encoder.config.hidden_size)
     model.train()
     clip_loss = CLIPDetailLoss(cfg.loss.clip_model).to(accelerator.device) if cfg.loss.detail_weight > 0 else None
-    register_save_load_hooks(accelerator, {"model": model})
-    # 2. data, optimizer, schedule
-    data = cfg.data
+    degradation = degradation_config(data)  # read once, not per step
     dataset = CaptionedImageDataset(
         data.train_data, data.resolution, data.random_flip, data.repeats, data.cache_images
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
-        collate_fn=collate_captioned,
-    )
-    optimizer = make_optimizer(trainable_parameters(model), args)
-    lr_scheduler = make_lr_scheduler(optimizer, args)
-    model, optimizer, loader, lr_scheduler = accelerator.prepare(model, optimizer, loader, lr_scheduler)
-    step = resume_step(accelerator, args.output_dir, args.resume)
+    loader = shuffled_loader(dataset, args, collate_captioned)
     text_cache = TextFeatureCache(text_encoder, tokenizer, cfg.max_text_length)
-    generator = torch.Generator().manual_seed((args.seed or 0) * 1_000_003 + step + accelerator.process_index)
-    logger.info("TGSR: %.2f M trainable parameters, %d images, starting at step %d",
-                sum(p.numel() for p in trainable_parameters(model)) / 1e6, len(dataset.items), step)  # fmt: skip
-    # 3. loop
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
-    batches = epoch_batches(accelerator, loader, step)  # resumes into the same shuffled order and position
-    while step < args.max_train_steps:
-        batch = next(batches)
-        captions = [
-            "" if float(torch.rand((), generator=generator)) < data.caption_dropout else c for c in batch["caption"]
-        ]
-        batch = {"gt": batch["gt"], "caption": captions}
-        factor = data.upscale_factors[int(torch.randint(len(data.upscale_factors), (), generator=generator))]
+    params = trainable_parameters(model)
+
+    def loss(models, batch, generator):
+        drop = torch.rand(len(batch["caption"]), generator=generator, device=generator.device).tolist()
+        captions = ["" if d < data.caption_dropout else c for d, c in zip(drop, batch["caption"], strict=True)]
+        draw = torch.randint(len(data.upscale_factors), (), generator=generator, device=generator.device)
+        factor = data.upscale_factors[int(draw)]
         text = text_cache(captions, accelerator.device)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                terms = compute_loss(model, batch, text, factor, cfg, clip_loss, generator)
-            apply_gradients(
-                accelerator, terms["loss"], model.parameters(), optimizer, lr_scheduler, args.max_grad_norm
-            )
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        finish_step(accelerator, args, step, terms, lr_scheduler, progress)
-    progress.close()
-    # 4. export
-    accelerator.wait_for_everyone()
-    export_dir = Path(cfg.export_dir or Path(args.output_dir) / "pipeline")
-    if accelerator.is_main_process:
-        export_dir = export_pipeline(unwrap(accelerator, model), text_encoder, tokenizer, cfg)
-    accelerator.end_training()
-    return export_dir
+        batch = {"gt": batch["gt"], "caption": captions}
+        return compute_loss(models["model"], batch, text, factor, cfg, clip_loss, generator, degradation)
+
+    job = TrainingJob(
+        models={"model": model},
+        params=params,
+        loader=loader,
+        loss=loss,
+        export=lambda models: export_pipeline(models["model"], text_encoder, tokenizer, cfg),
+        export_dir=Path(cfg.export_dir or Path(args.output_dir) / "pipeline"),
+        description=f"TGSR: {sum(p.numel() for p in params) / 1e6:.2f} M trainable parameters",
+    )
+    return run_training(accelerator, args, job)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a TGSR (text-guided super-resolution) model.")
-    parser.add_argument("--config", type=Path, default=None, help="YAML config (configs/tgsr.yaml)")
-    parser.add_argument("--output_dir", default=None, help="shortcut for train.output_dir=...")
-    parser.add_argument("--resume", default=None, help="'latest' or a checkpoint-N folder (train.resume)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_train_steps=100")
-    parsed = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("diffusers", "transformers", "accelerate", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    overrides = list(parsed.overrides)
-    if parsed.output_dir is not None:
-        overrides.append(f"train.output_dir={parsed.output_dir}")
-    if parsed.resume is not None:
-        overrides.append(f"train.resume={parsed.resume}")
-    train_tgsr(load_config(TGSRTrainConfig, parsed.config, overrides))
-
-
-if __name__ == "__main__":
-    main()
+    train_tgsr(config_from_cli(TGSRTrainConfig, "Train a TGSR (text-guided super-resolution) model.", argv))
