@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from seesr.dtypes import DTYPE_NAMES as DTYPES
+
 from .convert import (
-    DTYPES,
     ConversionError,
     DAPEFiles,
     _check_dape_files,
