@@ -464,40 +464,51 @@ def build_pipeline(parts: OSEDiffParts, unet, vae):
 
 def export_models(cfg: OSEDiffTrainConfig, parts: OSEDiffParts, generator_model: OneStepGenerator) -> Path:
     """Write ``export_dir`` (default ``output_dir``) ``/osediff.pkl`` (the released dict layout, float32) and
-    ``/pipeline``: the OSEDiffPipeline folder that `seesr convert --osediff osediff.pkl --sd pretrained_model` writes
-    (byte for byte, it is made by the converter), plus the DAPE model as ``prompt_extractor`` when there is one."""
-    from seesr.cli.convert_osediff import convert_osediff
+    ``/pipeline``: an OSEDiffPipeline folder built as `seesr convert --osediff osediff.pkl --sd pretrained_model`
+    builds one (fresh float32 SD parts with the checkpoint loaded; byte-identical files, tested), plus the DAPE model
+    as ``prompt_extractor`` when there is one. The folder is staged and renamed into place."""
+    import copy
+    import shutil
+    import tempfile
+
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from pipelines import OSEDiffPipeline
     from seesr.image_io import atomic_save_file
-    from seesr.models.onestep import osediff_checkpoint
+    from seesr.models.onestep import load_osediff_checkpoint, osediff_checkpoint
 
     export_dir = Path(cfg.export_dir or cfg.train.output_dir)
     checkpoint = osediff_checkpoint(generator_model.unet, generator_model.vae)
     checkpoint.state_dict_unet = {k: v.float() for k, v in checkpoint.state_dict_unet.items()}
     checkpoint.state_dict_vae = {k: v.float() for k, v in checkpoint.state_dict_vae.items()}
-    pkl = export_dir / "osediff.pkl"
-    atomic_save_file(lambda tmp: torch.save(checkpoint.to_dict(), tmp), pkl)
-    pipeline_dir = convert_osediff(cfg.pretrained_model, pkl, export_dir / "pipeline", overwrite=True)
-    if parts.dape is not None:
-        add_prompt_extractor(pipeline_dir, parts.dape)
-    if not cfg.export_pkl:
-        pkl.unlink()
+    if cfg.export_pkl:
+        atomic_save_file(lambda tmp: torch.save(checkpoint.to_dict(), tmp), export_dir / "osediff.pkl")
+    source = cfg.pretrained_model
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae")
+    load_osediff_checkpoint(checkpoint, unet, vae)
+    pipe = OSEDiffPipeline(
+        vae,
+        CLIPTextModel.from_pretrained(source, subfolder="text_encoder"),
+        AutoTokenizer.from_pretrained(source, subfolder="tokenizer"),
+        unet,
+        DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
+        prompt_extractor=copy.deepcopy(parts.dape).float() if parts.dape is not None else None,
+    )
+    pipeline_dir = export_dir / "pipeline"
+    pipeline_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".pipeline.", dir=export_dir))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        if pipeline_dir.exists():
+            shutil.rmtree(pipeline_dir)
+        staging.rename(pipeline_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     logger.info("exported the one-step model to %s (pipeline/%s)", export_dir, ", osediff.pkl" * cfg.export_pkl)
     return pipeline_dir
-
-
-def add_prompt_extractor(pipeline_dir: Path, dape: nn.Module) -> None:
-    """Store ``dape`` (float32) as the ``prompt_extractor`` of a saved pipeline folder, as save_pretrained would."""
-    import json
-
-    from seesr.image_io import atomic_write_text
-
-    dtype = dape.dtype
-    dape.float().save_pretrained(pipeline_dir / "prompt_extractor", safe_serialization=True)
-    dape.to(dtype)
-    index_path = pipeline_dir / "model_index.json"
-    index = json.loads(index_path.read_text())
-    index["prompt_extractor"] = [type(dape).__module__, type(dape).__name__]
-    atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------- validation
