@@ -177,8 +177,10 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         self.register_to_config(sampling_defaults=dict(sampling_defaults or {}), model_kind=model_kind)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         #: Compute the ControlNet conditioning embedding once per image / tile instead of every step (bitwise the
-        #: same result; False recomputes it every step, as the original).
+        #: same result; False recomputes it every step, as the original), keeping at most this many MiB of them
+        #: (tiles beyond it are recomputed per step, so peak memory stays flat in the image size).
         self.cache_control_embedding = True
+        self.control_embedding_cache_mib = 64
 
     def sampling_default(self, name: str, value: Any = None) -> Any:
         """``value`` if given, else this folder's stored default (``sampling_defaults``), else the original's."""
@@ -532,7 +534,13 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         # embeds are [negatives; positives]; one copy of the LQ and the DAPE tokens serves both halves (the denoiser
         # repeats them per tile, so no doubled full-resolution condition is kept).
         cache = {} if self.cache_control_embedding else None
-        cond = SeeSRCondition(embeds, lq.to(self.unet.dtype), image_embeds, embedding_cache=cache)
+        cond = SeeSRCondition(
+            embeds,
+            lq.to(self.unet.dtype),
+            image_embeds,
+            embedding_cache=cache,
+            embedding_cache_bytes=int(self.control_embedding_cache_mib * 2**20),
+        )
 
         # 4. Timesteps and the starting latents.
         self.scheduler.set_timesteps(num_inference_steps, device=device)
