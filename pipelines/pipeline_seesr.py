@@ -176,8 +176,10 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         self.register_to_config(sampling_defaults=dict(sampling_defaults or {}), model_kind=model_kind)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         #: Compute the ControlNet conditioning embedding once per image / tile instead of every step (bitwise the
-        #: same result; False recomputes it every step, as the original).
+        #: same result; False recomputes it every step, as the original), keeping at most this many MiB of them
+        #: (tiles beyond it are recomputed per step, so peak memory stays flat in the image size).
         self.cache_control_embedding = True
+        self.control_embedding_cache_mib = 64
 
     def sampling_default(self, name: str, value: Any = None) -> Any:
         """``value`` if given, else this folder's stored default (``sampling_defaults``), else the original's."""
@@ -529,7 +531,9 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             lq, sizes = lq.repeat_interleave(repeats, dim=0), [s for s in sizes for _ in range(repeats)]
             cond = cond.repeat_interleave(repeats)
         if self.cache_control_embedding:  # the ControlNet's condition embedding, once per image/tile (exact)
-            cond = dataclasses.replace(cond, embedding_cache={})
+            cond = dataclasses.replace(
+                cond, embedding_cache={}, embedding_cache_bytes=int(self.control_embedding_cache_mib * 2**20)
+            )
 
         # 3. Timesteps and the starting latents.
         self.scheduler.set_timesteps(num_inference_steps, device=device)

@@ -19,15 +19,23 @@ class SeeSRCondition:
     control_image: torch.Tensor
     image_embeds: torch.Tensor | None = None
     #: When a dict, the ControlNet conditioning embedding of ``control_image`` (which does not change between steps)
-    #: is computed once per region and batch size and kept here (the pipeline's exact speed-up); None: every call.
+    #: is computed once per region (tile) and batch size and kept here, up to ``embedding_cache_bytes`` in all (the
+    #: pipeline's exact speed-up; regions beyond the budget are recomputed per call, so memory stays flat in the image
+    #: size); None: computed in every call.
     embedding_cache: dict | None = None
     region: tuple[int, int, int, int] | None = None
+    embedding_cache_bytes: int = 64 << 20
 
     def crop(self, top: int, left: int, height: int, width: int, scale: int) -> SeeSRCondition:
         """The condition for a latent tile: the matching ``scale``x crop of the control image, global tokens."""
         image = self.control_image[:, :, top * scale : (top + height) * scale, left * scale : (left + width) * scale]
         return SeeSRCondition(
-            self.prompt_embeds, image, self.image_embeds, self.embedding_cache, (top, left, height, width)
+            self.prompt_embeds,
+            image,
+            self.image_embeds,
+            self.embedding_cache,
+            (top, left, height, width),
+            self.embedding_cache_bytes,
         )
 
     def repeat_interleave(self, repeats: int) -> SeeSRCondition:
@@ -62,9 +70,13 @@ def predict_noise(
     extra = {}
     if cond.embedding_cache is not None:
         key = (cond.region, tuple(control_image.shape), latents.dtype)
-        if key not in cond.embedding_cache:
-            cond.embedding_cache[key] = controlnet.embed_condition(control_image)
-        extra["controlnet_cond_embeds"] = cond.embedding_cache[key]
+        embeds = cond.embedding_cache.get(key)
+        if embeds is None:
+            embeds = controlnet.embed_condition(control_image)
+            used = sum(e.numel() * e.element_size() for e in cond.embedding_cache.values())
+            if used + embeds.numel() * embeds.element_size() <= cond.embedding_cache_bytes:
+                cond.embedding_cache[key] = embeds
+        extra["controlnet_cond_embeds"] = embeds
     down, mid = controlnet(
         latents,
         timestep,

@@ -46,9 +46,17 @@ def test_control_embedding_cache_is_bitwise_and_once_per_tile(pipe):
             np.testing.assert_array_equal(after, before)  # bitwise: the default results do not change
             tiles = 4 if "latent_tile_size" in kwargs else 1
             assert uncached_calls == 3 * tiles and len(calls) == tiles  # once per tile, not per step
+            if tiles > 1:
+                before_tiled = before
+        # A budget below one tile's embedding: every tile is recomputed per step, still the same result.
+        pipe.control_embedding_cache_mib = 1e-3
+        calls.clear()
+        np.testing.assert_array_equal(_run(pipe, latent_tile_size=8, latent_tile_overlap=4), before_tiled)
+        assert len(calls) == 3 * 4
     finally:
         handle.remove()
         pipe.cache_control_embedding = True
+        pipe.control_embedding_cache_mib = 64
 
 
 def test_quality_and_fast_presets(pipe):
