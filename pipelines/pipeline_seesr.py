@@ -43,7 +43,8 @@ from seesr.models.controlnet import SeeSRControlNetModel
 from seesr.models.unet import SeeSRUNet2DConditionModel
 
 from .loading import InstalledCodeLoaderMixin
-from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
+from .tiling import gaussian_weights, needs_latent_tiling, tile_grid
+from .vae_tiling import tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
 
@@ -280,8 +281,13 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     def encode_lq(self, lq: torch.Tensor, generator, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
         """Scaled VAE latents sampled (with ``generator``) from the LQ condition in [0, 1]."""
         dtype = self._vae_dtype(upcast_vae)
-        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
-            posterior = self.vae.encode(lq.to(dtype) * 2 - 1).latent_dist
+        with _vae_in_dtype(self.vae, dtype):
+            if vae_tile_size is not None and max(lq.shape[-2:]) > vae_tile_size:
+                # GroupNorm statistics of the whole image, one window's activations at a time (vae_tiling.py).
+                tile = vae_tile_size // self.vae_scale_factor * self.vae_scale_factor
+                posterior = tiled_encode(self.vae, lq.to(dtype) * 2 - 1, tile)
+            else:
+                posterior = self.vae.encode(lq.to(dtype) * 2 - 1).latent_dist
             latents = posterior.sample(generator=generator)
         return latents * self.vae.config.scaling_factor
 
@@ -354,8 +360,12 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
         """(B, 3, H, W) float32 images in [0, 1]."""
         dtype = self._vae_dtype(upcast_vae)
-        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
-            images = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        with _vae_in_dtype(self.vae, dtype):
+            latents = latents.to(dtype) / self.vae.config.scaling_factor
+            if vae_tile_size is not None and max(latents.shape[-2:]) * self.vae_scale_factor > vae_tile_size:
+                images = tiled_decode(self.vae, latents, vae_tile_size // self.vae_scale_factor)
+            else:
+                images = self.vae.decode(latents, return_dict=False)[0]
         return images.float().div_(2).add_(0.5).clamp_(0, 1)
 
     @staticmethod
