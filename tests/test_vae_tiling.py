@@ -43,7 +43,11 @@ def diffusers_tiled(vae: AutoencoderKL, fn, sample_tile: int):
     """diffusers' own tiling (each tile normalised alone, 25 % overlap, linear blending)."""
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
     vae.enable_tiling()
-    vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = sample_tile, sample_tile // scale, 0.25
+    vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = (
+        sample_tile,
+        sample_tile // scale,
+        0.25,
+    )
     try:
         with torch.no_grad():
             return fn()
@@ -68,28 +72,28 @@ def test_core_splits_partition_the_axis():
 def test_decode_matches_untiled_without_attention():
     """Full-radius overlap, no attention: equal to the untiled decoder up to float rounding; diffusers' is not."""
     vae = shallow_vae(attention=False)
-    latents = smooth((1, 4, 37, 29), seed=1, scale=3)
+    latents = smooth((1, 4, 40, 30), seed=1, scale=3)
     overlap = math.ceil(receptive_radius(vae.decoder))
     with torch.no_grad():
         reference = vae.decode(latents).sample
-    ours = tiled_decode(vae, latents, tile_size=2 * overlap + 12, overlap=overlap)
-    theirs = diffusers_tiled(vae, lambda: vae.decode(latents).sample, sample_tile=2 * (2 * overlap + 12))
+    ours = tiled_decode(vae, latents, tile_size=2 * overlap + 10, overlap=overlap)
+    theirs = diffusers_tiled(vae, lambda: vae.decode(latents).sample, sample_tile=40)
     ours_max, ours_mean = errors(ours, reference)
     theirs_max, theirs_mean = errors(theirs, reference)
-    assert ours.shape == reference.shape == (1, 3, 74, 58)
+    assert ours.shape == reference.shape == (1, 3, 80, 60)
     assert ours_max < 1e-4, (ours_max, theirs_max)
     assert theirs_mean > 1e-2 and ours_max < theirs_max / 1000, (ours_max, ours_mean, theirs_max, theirs_mean)
 
 
 def test_encode_matches_untiled_without_attention():
     vae = shallow_vae(attention=False)
-    image = smooth((1, 3, 80, 72), seed=2).tanh()
+    image = smooth((1, 3, 64, 48), seed=2).tanh()
     overlap = math.ceil(receptive_radius(vae.encoder) / 2) * 2
     with torch.no_grad():
         reference = vae.encode(image).latent_dist
-    ours = tiled_encode(vae, image, tile_size=2 * overlap + 16, overlap=overlap)
-    theirs = diffusers_tiled(vae, lambda: vae.encode(image).latent_dist, sample_tile=64)
-    assert ours.mean.shape == reference.mean.shape == (1, 4, 40, 36)
+    ours = tiled_encode(vae, image, tile_size=2 * overlap + 24, overlap=overlap)
+    theirs = diffusers_tiled(vae, lambda: vae.encode(image).latent_dist, sample_tile=32)
+    assert ours.mean.shape == reference.mean.shape == (1, 4, 32, 24)
     assert errors(ours.mean, reference.mean)[0] < 1e-4 and errors(ours.std, reference.std)[0] < 1e-4
     assert errors(theirs.mean, reference.mean)[1] > 1e-2
     # The posterior samples with a generator exactly as the untiled one does.
@@ -98,53 +102,59 @@ def test_encode_matches_untiled_without_attention():
     assert errors(sample, expected)[0] < 1e-4
 
 
-def test_attention_vae_far_closer_than_per_tile_normalisation():
-    """The 4-level tiny VAE of the pipeline tests (mid-block attention, default overlaps): attention runs per window
-    and the overlap is below the receptive field, yet the error is a fraction of diffusers' per-tile GroupNorm."""
-    vae = tiny_vae()
-    latents = smooth((1, 4, 24, 20), seed=3, scale=3)
+def test_attention_far_closer_than_per_tile_normalisation():
+    """With the mid-block attention (per window here, global untiled) the error stays a small fraction of that of
+    diffusers' tiling, which normalises each tile alone. Also measures fast mode (downsampled-image statistics)."""
+    vae = shallow_vae(attention=True, seed=1)
+    latents = smooth((1, 4, 40, 30), seed=3, scale=3)
+    overlap = math.ceil(receptive_radius(vae.decoder))
     with torch.no_grad():
         reference = vae.decode(latents).sample
-    ours = tiled_decode(vae, latents, tile_size=16)
-    fast = tiled_decode(vae, latents, tile_size=16, exact=False)
-    theirs = diffusers_tiled(vae, lambda: vae.decode(latents).sample, sample_tile=128)
+    ours = tiled_decode(vae, latents, tile_size=2 * overlap + 10, overlap=overlap)
+    fast = tiled_decode(vae, latents, tile_size=2 * overlap + 10, overlap=overlap, exact=False)
+    theirs = diffusers_tiled(vae, lambda: vae.decode(latents).sample, sample_tile=40)
     (ours_max, ours_mean), (fast_max, fast_mean), (theirs_max, theirs_mean) = (
         errors(x, reference) for x in (ours, fast, theirs)
     )
     print(f"decode max/mean: exact {ours_max:.4f}/{ours_mean:.5f}, fast {fast_max:.4f}/{fast_mean:.5f}, "
           f"diffusers {theirs_max:.4f}/{theirs_mean:.5f}")  # fmt: skip
-    assert ours_mean < theirs_mean / 4 and ours_max < theirs_max / 2
-    image = smooth((1, 3, 192, 160), seed=4).tanh()
+    assert ours_mean < theirs_mean / 10 and ours_max < theirs_max / 4
+    image = smooth((1, 3, 64, 48), seed=4).tanh()
+    overlap = math.ceil(receptive_radius(vae.encoder) / 2) * 2
     with torch.no_grad():
         reference = vae.encode(image).latent_dist.mean
-    ours = tiled_encode(vae, image, tile_size=128).mean
-    theirs = diffusers_tiled(vae, lambda: vae.encode(image).latent_dist.mean, sample_tile=128)
+    ours = tiled_encode(vae, image, tile_size=2 * overlap + 24, overlap=overlap).mean
+    theirs = diffusers_tiled(vae, lambda: vae.encode(image).latent_dist.mean, sample_tile=32)
     (ours_max, ours_mean), (theirs_max, theirs_mean) = errors(ours, reference), errors(theirs, reference)
     print(f"encode max/mean: exact {ours_max:.4f}/{ours_mean:.5f}, diffusers {theirs_max:.4f}/{theirs_mean:.5f}")
-    assert ours_mean < theirs_mean / 4
+    assert ours_mean < theirs_mean / 10 and ours_max < theirs_max / 4
 
 
 def test_independent_of_tile_size():
     vae = shallow_vae(attention=True)
-    latents = smooth((1, 4, 40, 34), seed=6, scale=3)
+    latents = smooth((1, 4, 40, 30), seed=6, scale=3)
     overlap = math.ceil(receptive_radius(vae.decoder))
-    outputs = [tiled_decode(vae, latents, tile_size=t, overlap=overlap) for t in (2 * overlap + 6, 2 * overlap + 14)]
+    small, large = (
+        tiled_decode(vae, latents, tile_size=t, overlap=overlap) for t in (2 * overlap + 8, 2 * overlap + 12)
+    )
     with torch.no_grad():
         reference = vae.decode(latents).sample
-    # Attention sees different windows, so they differ a little, by far less than from the untiled result's scale.
-    assert errors(outputs[0], outputs[1])[1] < 0.05 * reference.abs().mean().item()
+    # Attention sees different windows, so they differ a little: far less than either differs from the untiled one.
+    assert errors(small, large)[1] < 0.05 * reference.abs().mean().item()
 
 
 def test_dtype_and_odd_sizes_preserved():
-    vae = shallow_vae(attention=True).to(torch.bfloat16)
-    latents = smooth((2, 4, 23, 19), seed=7, scale=3)  # not a multiple of the tile size; batch of two
-    decoded = tiled_decode(vae, latents, tile_size=12, overlap=3)
-    with torch.no_grad():
-        reference = vae.decode(latents.bfloat16()).sample
-    assert decoded.dtype == torch.bfloat16 and decoded.shape == reference.shape == (2, 3, 46, 38)
-    assert torch.isfinite(decoded).all() and errors(decoded, reference)[1] < 0.1 * reference.abs().float().mean()
-    posterior = tiled_encode(vae, smooth((2, 3, 46, 38), seed=8).tanh(), tile_size=24, overlap=4)
-    assert posterior.mean.dtype == torch.bfloat16 and posterior.mean.shape == (2, 4, 23, 19)
+    """bfloat16 in, bfloat16 out, close to the same tiling in float32; sides that are no multiple of the tile."""
+    vae = shallow_vae(attention=True)
+    latents = smooth((2, 4, 13, 11), seed=7, scale=3)  # batch of two
+    image = smooth((2, 3, 26, 22), seed=8).tanh()
+    full = tiled_decode(vae, latents, tile_size=9, overlap=2), tiled_encode(vae, image, tile_size=20, overlap=4).mean
+    vae.to(torch.bfloat16)
+    half = tiled_decode(vae, latents, tile_size=9, overlap=2), tiled_encode(vae, image, tile_size=20, overlap=4).mean
+    assert half[0].dtype == half[1].dtype == torch.bfloat16
+    assert half[0].shape == full[0].shape == (2, 3, 26, 22) and half[1].shape == full[1].shape == (2, 4, 13, 11)
+    for h, f in zip(half, full, strict=True):
+        assert errors(h, f)[1] < 0.02 * f.abs().mean().item()
 
 
 def test_small_inputs_run_the_stock_forward_bitwise():
@@ -158,12 +168,12 @@ def test_small_inputs_run_the_stock_forward_bitwise():
 
 def test_layers_restored_and_bad_input():
     vae = shallow_vae(attention=True)
-    tiled_decode(vae, smooth((1, 4, 20, 20), seed=11), tile_size=12, overlap=2)
+    tiled_decode(vae, smooth((1, 4, 16, 16), seed=11), tile_size=12, overlap=2)
     norms = [m for m in vae.modules() if isinstance(m, nn.GroupNorm)]
     assert norms and all("forward" not in vars(m) for m in norms)
     assert all(not m._forward_pre_hooks for m in vae.modules())
     with pytest.raises(ValueError, match="tiled_decode: tile size 8 leaves no core"):
-        tiled_decode(vae, smooth((1, 4, 20, 20), seed=11), tile_size=8, overlap=4)
+        tiled_decode(vae, smooth((1, 4, 16, 16), seed=11), tile_size=8, overlap=4)
     with pytest.raises(ValueError, match="tiled_encode: image sides"):
         tiled_encode(vae, torch.zeros(1, 3, 41, 40), tile_size=16)
     with pytest.raises(ValueError, match=r"tiled_decode: latents: expected a \(B, 4, H, W\)"):
