@@ -285,7 +285,7 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             if vae_tile_size is not None and max(lq.shape[-2:]) > vae_tile_size:
                 # GroupNorm statistics of the whole image, one window's activations at a time (vae_tiling.py).
                 tile = vae_tile_size // self.vae_scale_factor * self.vae_scale_factor
-                posterior = tiled_encode(self.vae, lq.to(dtype) * 2 - 1, tile)
+                posterior = tiled_encode(self.vae, lq, tile, unit_range=True)  # maps each window to [-1, 1]
             else:
                 posterior = self.vae.encode(lq.to(dtype) * 2 - 1).latent_dist
             latents = posterior.sample(generator=generator)
@@ -381,8 +381,8 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         ``"pil"`` follows the original's rounding: decoded images are rounded to 8 bits, colour-fixed, truncated to
         8 bits, then PIL-bicubic resized. ``"np"`` / ``"pt"`` stay in float and resize with torch bicubic.
         """
-        if output_type == "pil":
-            images = images.mul(255).round_().div_(255)
+        if output_type == "pil":  # in place: `images` is the pipeline's own decoded batch
+            images = images.mul_(255).round_().div_(255)
         images = color_fix(images, reference.to(images), method)
         if output_type == "pil":
             arrays = images.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -522,8 +522,10 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         if output_type == "latent":
             result = latents
         else:
-            decoded = self.decode_latents(latents, vae_tile_size, upcast_vae)
-            result = self.postprocess(decoded, lq, sizes, color_fix, output_type)
+            # No name keeps the decoded batch: postprocess can drop it once colour-fixed (one full-size copy less).
+            result = self.postprocess(
+                self.decode_latents(latents, vae_tile_size, upcast_vae), lq, sizes, color_fix, output_type
+            )
         self.maybe_free_model_hooks()
         prompts_used = [p for p in full_prompts for _ in range(repeats)]
         if not return_dict:

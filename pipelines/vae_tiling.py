@@ -75,9 +75,12 @@ def core_splits(length: int, tile: int, overlap: int, align: int = 1) -> list[tu
     """
     if length <= tile:
         return [(0, length, 0, length)]
-    units, core_units = length // align, (tile - 2 * overlap) // align
-    count = math.ceil(units / core_units)
-    bounds = [i * units // count * align for i in range(count + 1)]
+    # Edge windows need context on one side only: with n windows the cores can cover 2 * overlap more than n
+    # interior cores; the cores between the outer overlaps are spread evenly.
+    units, margin, core_units = length // align, overlap // align, (tile - 2 * overlap) // align
+    count = math.ceil((units - 2 * margin) / core_units)
+    inner = [margin + i * (units - 2 * margin) // count for i in range(1, count)]
+    bounds = [0, *(b * align for b in inner), length]
     return [(a, b, max(a - overlap, 0), min(b + overlap, length)) for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
@@ -332,8 +335,9 @@ def _run_tiled(
         del small
         if exact:  # one pass per GroupNorm, in execution order, each stopping at its layer
             if len(set(map(id, norms.order))) != len(norms.order):
-                raise RuntimeError("tiled VAE: a GroupNorm layer runs twice in one forward; exact statistics need "
-                                   "each to run once")
+                raise RuntimeError(
+                    "tiled VAE: a GroupNorm layer runs twice in one forward; exact statistics need each to run once"
+                )
             for target in norms.order:
                 norms.start_pass("collect", target)
                 for win, core in tiles:
@@ -365,11 +369,14 @@ def tiled_encode(
     tile_size: int = 512,
     overlap: int | None = None,
     exact: bool = True,
+    unit_range: bool = False,
 ) -> DiagonalGaussianDistribution:
     """``vae.encode(image).latent_dist`` in ``tile_size``-pixel windows with image-wide GroupNorm statistics.
 
-    ``image``: (B, C, H, W) in [-1, 1], H and W multiples of the VAE's scale factor; ``tile_size`` / ``overlap``:
-    window side and context margin in image pixels (multiples of the scale factor).
+    ``image``: (B, C, H, W) in [-1, 1] (``unit_range=True``: in [0, 1], mapped per window as ``x * 2 - 1`` in the
+    VAE's dtype, which spares a full-size copy), H and W multiples of the VAE's scale factor; ``tile_size`` /
+    ``overlap``: window side and context margin in image pixels (multiples of the scale factor; ``overlap=None``:
+    32, at most a quarter of the tile); ``exact=False``: fast mode (see the module docstring).
     """
     scale = vae_scale_factor(vae)
     _check_input("tiled_encode: image", image, vae.config.in_channels)
@@ -377,9 +384,9 @@ def tiled_encode(
         raise ValueError(f"tiled_encode: image sides {tuple(image.shape[-2:])} must be multiples of {scale}")
     overlap = default_overlap(tile_size, DEFAULT_ENCODER_OVERLAP, scale) if overlap is None else overlap
     _check_tiling("tiled_encode", tile_size, overlap, scale)
-    image = image.to(vae.dtype)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        x = x.to(vae.dtype) * 2 - 1 if unit_range else x.to(vae.dtype)  # per window: no full-size copy
         moments = vae.encoder(x)
         return vae.quant_conv(moments) if vae.quant_conv is not None else moments
 
@@ -400,14 +407,15 @@ def tiled_decode(
     """``vae.decode(latents).sample`` in ``tile_size``-latent-pixel windows with image-wide GroupNorm statistics.
 
     ``latents``: (B, latent_channels, h, w), unscaled (already divided by ``scaling_factor``); ``tile_size`` /
-    ``overlap``: window side and context margin in latent pixels. Returns (B, 3, h * 8, w * 8) in [-1, 1].
+    ``overlap``: window side and context margin in latent pixels (``overlap=None``: 11, at most a quarter of the
+    tile); ``exact=False``: fast mode (see the module docstring). Returns (B, 3, h * 8, w * 8) in [-1, 1].
     """
     _check_input("tiled_decode: latents", latents, vae.config.latent_channels)
     overlap = default_overlap(tile_size, DEFAULT_DECODER_OVERLAP, 1) if overlap is None else overlap
     _check_tiling("tiled_decode", tile_size, overlap, 1)
-    latents = latents.to(vae.dtype)
 
     def forward(z: torch.Tensor) -> torch.Tensor:
+        z = z.to(vae.dtype)
         return vae.decoder(vae.post_quant_conv(z) if vae.post_quant_conv is not None else z)
 
     if max(latents.shape[-2:]) <= tile_size:
