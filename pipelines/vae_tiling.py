@@ -15,7 +15,8 @@ API (``vae`` is a diffusers :class:`~diffusers.AutoencoderKL`; both run under ``
 ``tiled_encode`` returns the ``DiagonalGaussianDistribution`` that ``vae.encode(image).latent_dist`` returns, so a
 generator draws the same noise as untiled. Units are those of each function's input: image pixels for
 ``tiled_encode`` (``H`` and ``W`` must be multiples of the VAE's scale factor, 8), latent pixels for
-``tiled_decode``. Inputs are cast to the VAE's dtype; outputs are in the VAE's dtype, like ``vae.encode/decode``.
+``tiled_decode``. Inputs are cast to the VAE's dtype window by window (``unit_range=True`` also maps an image in [0, 1]
+to [-1, 1] per window); outputs are in the VAE's dtype, like ``vae.encode/decode``.
 Inputs no larger than ``tile_size`` on both sides run the stock forward unchanged.
 
 How it works:
@@ -25,16 +26,18 @@ How it works:
   that has a neighbour; cores do not overlap and cover the image, so after cropping no blending is needed. With an
   overlap at least the network's receptive-field radius (:func:`receptive_radius`) a core's values are exactly
   those of the untiled network, given the same GroupNorm statistics; the defaults (the original's 32 image px for
-  the encoder, 11 latent px for the decoder) are below the full radius of SD's VAE (about 50 px / 18 latent px)
+  the encoder, 11 latent px for the decoder) are below the full radius of SD's VAE (108 px / 17.25 latent px)
   and trade a small difference at core borders for about half the work.
-- **GroupNorm statistics.** The statistics of a GroupNorm depend on every layer before it, so they are found by
-  passes over the tiles: each pass runs every window through the network, normalising with the statistics of the
-  previous pass, and accumulates the mean and variance of every GroupNorm's input over the cores only (each pixel
-  once; merged in float64 with Chan's formula). The first estimate comes from the whole image downsampled to one
-  tile (one small forward); ``stat_passes`` tiled passes (default 1) then refine it, each bringing every
-  statistic closer to the untiled network's (the first GroupNorm is exact after one pass, and errors shrink through
-  each later normalisation); a last pass normalises with the final statistics and writes the cores. ``stat_passes=0``
-  is the original's fast mode (statistics of the downsampled image only).
+- **GroupNorm statistics.** A GroupNorm's statistics depend on every layer before it, and keeping every tile's
+  activations (as the original does) would hold a full-size activation per layer. Instead, one pass over the
+  windows per GroupNorm layer, in execution order, runs each window up to that layer (normalising the layers
+  before it with their final statistics), accumulates the mean and variance of its input over the cores only
+  (each pixel once; per channel with ``torch.var_mean``, merged in float64 with Chan's formula) and stops the
+  forward there; a last pass normalises every layer with its statistics and writes the cores. The cost is about
+  half the number of GroupNorm layers in full window passes (SD's decoder has 30 layers, its encoder 22); a first
+  small forward on the image shrunk to one window records the layer order. ``exact=False`` is the original's
+  fast mode: the statistics of that shrunk image only, then one pass (refining them iteratively by passes that
+  normalise with the previous estimate does not converge reliably: errors grow through deep stacks).
 - **Attention.** The mid-block self-attention is global in the untiled network; here, as in the original, it attends
   within each window (core plus overlap), with the aggregated GroupNorm statistics in front of it. Global attention
   would need keys and values of the whole image (2 x 512 channels per latent pixel for SD's VAE), which breaks the
