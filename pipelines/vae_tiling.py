@@ -361,6 +361,14 @@ def _run_tiled(
     return out
 
 
+def _offload_pre_forward(vae) -> None:
+    """What diffusers' ``apply_forward_hook`` does for ``vae.encode`` / ``vae.decode``: let an accelerate hook
+    (``enable_model_cpu_offload``) move the VAE to the execution device before we call its encoder / decoder."""
+    hook = getattr(vae, "_hf_hook", None)
+    if hook is not None and hasattr(hook, "pre_forward"):
+        hook.pre_forward(vae)
+
+
 def _check_input(name: str, x: torch.Tensor, channels: int) -> None:
     if x.ndim != 4 or x.shape[1] != channels:
         raise ValueError(f"{name}: expected a (B, {channels}, H, W) tensor, got shape {tuple(x.shape)}")
@@ -387,6 +395,7 @@ def tiled_encode(
         raise ValueError(f"tiled_encode: image sides {tuple(image.shape[-2:])} must be multiples of {scale}")
     overlap = default_overlap(tile_size, DEFAULT_ENCODER_OVERLAP, scale) if overlap is None else overlap
     _check_tiling("tiled_encode", tile_size, overlap, scale)
+    _offload_pre_forward(vae)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x = x.to(vae.dtype) * 2 - 1 if unit_range else x.to(vae.dtype)  # per window: no full-size copy
@@ -416,6 +425,7 @@ def tiled_decode(
     _check_input("tiled_decode: latents", latents, vae.config.latent_channels)
     overlap = default_overlap(tile_size, DEFAULT_DECODER_OVERLAP, 1) if overlap is None else overlap
     _check_tiling("tiled_decode", tile_size, overlap, 1)
+    _offload_pre_forward(vae)
 
     def forward(z: torch.Tensor) -> torch.Tensor:
         z = z.to(vae.dtype)
