@@ -420,7 +420,10 @@ def measure_memory(pipe, config: str, args, image_dim: int) -> list[dict]:
             continue
         command = [sys.executable, __file__, "--_mem-child", f"{config}:{size}", "--device", args.device]
         command += ["--dtype", args.dtype, "--mem-steps", str(args.mem_steps), "--threads", str(args.threads)]
-        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        env = dict(os.environ)
+        if not args.allocator_default:  # see --allocator-default
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith(CHILD_MARK)]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"memory run {config} {size}px failed:\n{proc.stdout}\n{proc.stderr}")
@@ -526,6 +529,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a target check fails")
     parser.add_argument("--memory-only", action="store_true", help="skip the timed call; only the memory runs")
+    parser.add_argument(
+        "--allocator-default",
+        action="store_true",
+        help="CPU memory children keep glibc's dynamic mmap threshold (by default they run with "
+        "MALLOC_MMAP_THRESHOLD_=131072, so freed tensors leave the resident set and its peak measures live memory; "
+        "with the dynamic threshold heap retention makes the 2048 px peak vary by +-50%% between runs)",
+    )
     parser.add_argument("--_mem-child", dest="_mem_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     cpu = not args.device.startswith("cuda")
