@@ -8,7 +8,8 @@ sizes), a smooth random latent / image. For each config, measured in one run:
    overlap, each tile normalised alone), with the wall time of each;
 2. the peak memory of a decode at ``--mem-sizes`` (default 512,2048; 512 is one tile, so untiled) above the
    memory before the call: CUDA ``max_memory_allocated``; CPU the rise of the peak RSS (VmHWM, reset through
-   /proc/self/clear_refs), and peak(largest) / peak(smallest). Memory is the same in both modes (same windows).
+   /proc/self/clear_refs; glibc's mmap threshold fixed at 128 KiB so that freed tensors leave the resident set),
+   and peak(largest) / peak(smallest). Memory is the same in both modes (same windows).
 
     python benchmarks/bench_vae_tiling.py                          # tiny + mid on CPU, a few minutes
     python benchmarks/bench_vae_tiling.py --configs sd2 --device cuda
@@ -138,6 +139,9 @@ def agreement(vae, args) -> list[str]:
 
 
 def memory(vae, args) -> tuple[list[str], float]:
+    if not args.device.startswith("cuda"):  # fixed mmap threshold: freed tensors leave the RSS (no heap retention)
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").mallopt(-3, 131072)  # M_MMAP_THRESHOLD
     peaks = {}
     for size in args.mem_sizes:
         latents = smooth((1, 4, size // 8, size // 8), 3, args.device)
