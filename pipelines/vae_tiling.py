@@ -8,7 +8,7 @@ VAE does, so tiles agree with the untiled network up to receptive-field cut-offs
 
 API (``vae`` is a diffusers :class:`~diffusers.AutoencoderKL`; both run under ``torch.no_grad``)::
 
-    posterior = tiled_encode(vae, image, tile_size=512, overlap=32)   # image (B, 3, H, W) in [-1, 1]
+    posterior = tiled_encode(vae, image, tile_size=512, overlap=64)   # image (B, 3, H, W) in [-1, 1]
     latents = posterior.sample(generator=generator)                   # or .mode(); unscaled, as vae.encode's
     images = tiled_decode(vae, latents, tile_size=64, overlap=11)     # latents unscaled (divided by scaling_factor)
 
@@ -25,9 +25,9 @@ How it works:
   ``tile_size`` image, whatever the image size). Each window is a *core* plus ``overlap`` of context on every side
   that has a neighbour; cores do not overlap and cover the image, so after cropping no blending is needed. With an
   overlap at least the network's receptive-field radius (:func:`receptive_radius`) a core's values are exactly
-  those of the untiled network, given the same GroupNorm statistics; the defaults (the original's 32 image px for
-  the encoder, 11 latent px for the decoder) are below the full radius of SD's VAE (108 px / 17.25 latent px)
-  and trade a small difference at core borders for about half the work.
+  those of the untiled network, given the same GroupNorm statistics; the defaults (64 image px for the encoder,
+  the original's 11 latent px for the decoder; at most a quarter of the tile) are below the full radius of SD's
+  VAE (108 px / 17.25 latent px) and trade a small difference at core borders for far fewer windows.
 - **GroupNorm statistics.** A GroupNorm's statistics depend on every layer before it, and keeping every tile's
   activations (as the original does) would hold a full-size activation per layer. Instead, one pass over the
   windows per GroupNorm layer, in execution order, runs each window up to that layer (normalising the layers
