@@ -47,7 +47,8 @@ from seesr.models.controlnet import SeeSRControlNetModel
 from seesr.models.unet import SeeSRUNet2DConditionModel
 
 from .loading import InstalledCodeLoaderMixin
-from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
+from .tiling import gaussian_weights, needs_latent_tiling, tile_grid
+from .vae_tiling import tiled_decode, tiled_encode
 
 logger = logging.getLogger(__name__)
 
@@ -308,8 +309,13 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     def encode_lq(self, lq: torch.Tensor, generator, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
         """Scaled VAE latents sampled (with ``generator``) from the LQ condition in [0, 1]."""
         dtype = self._vae_dtype(upcast_vae)
-        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
-            posterior = self.vae.encode(lq.to(dtype) * 2 - 1).latent_dist
+        with _vae_in_dtype(self.vae, dtype):
+            if vae_tile_size is not None and max(lq.shape[-2:]) > vae_tile_size:
+                # GroupNorm statistics of the whole image, one window's activations at a time (vae_tiling.py).
+                tile = vae_tile_size // self.vae_scale_factor * self.vae_scale_factor
+                posterior = tiled_encode(self.vae, lq, tile, unit_range=True)  # maps each window to [-1, 1]
+            else:
+                posterior = self.vae.encode(lq.to(dtype) * 2 - 1).latent_dist
             latents = posterior.sample(generator=generator)
         return latents * self.vae.config.scaling_factor
 
@@ -396,8 +402,12 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     def decode_latents(self, latents: torch.Tensor, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
         """(B, 3, H, W) float32 images in [0, 1]."""
         dtype = self._vae_dtype(upcast_vae)
-        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
-            images = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+        with _vae_in_dtype(self.vae, dtype):
+            latents = latents.to(dtype) / self.vae.config.scaling_factor
+            if vae_tile_size is not None and max(latents.shape[-2:]) * self.vae_scale_factor > vae_tile_size:
+                images = tiled_decode(self.vae, latents, vae_tile_size // self.vae_scale_factor)
+            else:
+                images = self.vae.decode(latents, return_dict=False)[0]
         return images.float().div_(2).add_(0.5).clamp_(0, 1)
 
     @staticmethod
@@ -413,8 +423,8 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         ``"pil"`` follows the original's rounding: decoded images are rounded to 8 bits, colour-fixed, truncated to
         8 bits, then PIL-bicubic resized. ``"np"`` / ``"pt"`` stay in float and resize with torch bicubic.
         """
-        if output_type == "pil":
-            images = images.mul(255).round_().div_(255)
+        if output_type == "pil":  # in place: `images` is the pipeline's own decoded batch
+            images = images.mul_(255).round_().div_(255)
         images = color_fix(images, reference.to(images), method)
         if output_type == "pil":
             arrays = images.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
@@ -565,8 +575,10 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         if output_type == "latent":
             result = latents
         else:
-            decoded = self.decode_latents(latents, vae_tile_size, upcast_vae)
-            result = self.postprocess(decoded, lq, sizes, color_fix, output_type)
+            # No name keeps the decoded batch: postprocess can drop it once colour-fixed (one full-size copy less).
+            result = self.postprocess(
+                self.decode_latents(latents, vae_tile_size, upcast_vae), lq, sizes, color_fix, output_type
+            )
         self.maybe_free_model_hooks()
         prompts_used = [p for p in full_prompts for _ in range(repeats)]
         if not return_dict:

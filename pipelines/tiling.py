@@ -58,7 +58,11 @@ def needs_latent_tiling(height: int, width: int, tile: int | None) -> bool:
 
 @contextlib.contextmanager
 def vae_tiling(vae, sample_tile: int | None, overlap_factor: float = 0.25) -> Iterator[None]:
-    """Temporarily enable diffusers' VAE tiling with ``sample_tile``-pixel tiles (None: leave the VAE as it is)."""
+    """Temporarily enable diffusers' VAE tiling with ``sample_tile``-pixel tiles (None: leave the VAE as it is).
+
+    diffusers normalises each tile alone; SeeSRPipeline uses :mod:`pipelines.vae_tiling` (image-wide GroupNorm
+    statistics) instead. Kept for callers that want diffusers' behaviour.
+    """
     if sample_tile is None or not hasattr(vae, "use_tiling"):
         yield
         return
