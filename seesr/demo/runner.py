@@ -183,7 +183,7 @@ class DemoModel:
             found["guidance"] = Setting(
                 "guidance", "Guidance scale (CFG)", "slider", guidance, None, 0, 15, 0.1, "1 or less: no CFG"
             )
-        if "generator" in params:
+        if "generator" in params and self.class_name != "TGSRPipeline":  # TGSR takes a generator but draws nothing
             found["seed"] = Setting("seed", "Seed", "number", 42, None, 0, 2**31 - 1, 1)
         if "color_fix" in params:
             default = self._default("color_fix", "none")
