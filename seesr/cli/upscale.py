@@ -285,9 +285,9 @@ def load_pipeline(model: str, kind: str, device, dtype):
 
     if kind in ("SeeSRPipeline", "OSEDiffPipeline"):
         cls = SeeSRPipeline if kind == "SeeSRPipeline" else OSEDiffPipeline
-        pipe = cls.from_pretrained(model, torch_dtype={"default": dtype, "prompt_extractor": torch.float32})
+        pipe = cls.from_pretrained(model, dtype={"default": dtype, "prompt_extractor": torch.float32})
     else:
-        pipe = TGSRPipeline.from_pretrained(model, torch_dtype=dtype)
+        pipe = TGSRPipeline.from_pretrained(model, dtype=dtype)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
