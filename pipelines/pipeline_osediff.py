@@ -40,7 +40,7 @@ from seesr.conditioning import compose_prompt, dape_condition, encode_prompt
 from seesr.models.onestep import ONESTEP_TIMESTEP, as_onestep_model, fuse_lora, has_lora, onestep_x0
 
 from .loading import InstalledCodeLoaderMixin
-from .pipeline_seesr import _to_tensor, _vae_in_dtype
+from .pipeline_seesr import _to_tensor, _vae_in_dtype, resize_outputs
 from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
 
 logger = logging.getLogger(__name__)
@@ -292,15 +292,7 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         images = images.to(torch.promote_types(images.dtype, torch.float32))
         images = color_fix(images, reference.to(images.dtype), method).clamp_(0, 1)
         if sizes is not None:
-            images = [
-                F.interpolate(img[None], size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)[0]
-                if (w, h) != (img.shape[-1], img.shape[-2])
-                else img
-                for img, (w, h) in zip(images, sizes, strict=True)
-            ]
-            if len(set(sizes)) > 1:  # inputs of different sizes: one tensor / array per image
-                return [r.cpu().permute(1, 2, 0).numpy() if output_type == "np" else r for r in images]
-            images = torch.stack(images)
+            return resize_outputs(images, sizes, output_type)
         return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
 
     # The call ----------------------------------------------------------------------------------------------------

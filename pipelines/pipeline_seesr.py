@@ -90,6 +90,21 @@ def _to_tensor(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
     return pil_to_tensor(image) if isinstance(image, PIL.Image.Image) else image.float()
 
 
+def resize_outputs(images: torch.Tensor, sizes: list[tuple[int, int]], output_type: str):
+    """(B, 3, H, W) images in [0, 1] resized (torch bicubic) to their final (width, height) ``sizes``, as a
+    (B, 3, h, w) tensor or (B, h, w, 3) array for ``output_type`` "pt" / "np"; a list when the sizes differ."""
+    resized = [
+        F.interpolate(image[None], size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)[0]
+        if (w, h) != (image.shape[-1], image.shape[-2])
+        else image
+        for image, (w, h) in zip(images, sizes, strict=True)
+    ]
+    if len(set(sizes)) > 1:  # originals of different sizes: one tensor / array per image
+        return [r.cpu().permute(1, 2, 0).numpy() if output_type == "np" else r for r in resized]
+    images = torch.stack(resized)
+    return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
+
+
 def preprocess_lq(
     image: PIL.Image.Image | torch.Tensor, upscale: float, process_size: int
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -430,16 +445,7 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             arrays = images.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             pils = [PIL.Image.fromarray(a) for a in arrays]
             return [p if p.size == s else p.resize(s, PIL.Image.BICUBIC) for p, s in zip(pils, sizes, strict=True)]
-        resized = [
-            F.interpolate(image[None], size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)[0]
-            if (w, h) != (image.shape[-1], image.shape[-2])
-            else image
-            for image, (w, h) in zip(images, sizes, strict=True)
-        ]
-        if len(set(sizes)) > 1:  # originals of different sizes: one tensor / array per image
-            return [r.cpu().permute(1, 2, 0).numpy() if output_type == "np" else r for r in resized]
-        images = torch.stack(resized)
-        return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
+        return resize_outputs(images, sizes, output_type)
 
     # The call ----------------------------------------------------------------------------------------------------
 
