@@ -20,15 +20,13 @@ no CFG) and VAE tiling above ``vae_tile_size`` pixels, so memory stays flat in t
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -36,20 +34,19 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import dape.model  # noqa: F401  (registers the prompt_extractor's module for diffusers' component loader)
 from seesr.color import COLOR_FIX_METHODS, color_fix
-from seesr.conditioning import compose_prompt, dape_condition, encode_prompt
+from seesr.conditioning import compose_prompt, dape_condition
+from seesr.image_io import unit_float
 from seesr.models.onestep import ONESTEP_TIMESTEP, as_onestep_model, fuse_lora, has_lora, onestep_x0
 
+from .common import ImageInput, SRPipelineMixin, resize_outputs, to_pil_list, to_tensor, upscale_image
 from .loading import InstalledCodeLoaderMixin
-from .pipeline_seesr import _to_tensor, _vae_in_dtype, resize_outputs
-from .tiling import gaussian_weights, needs_latent_tiling, tile_grid, vae_tiling
+from .tiling import blended_prediction, needs_latent_tiling, tile_grid
 
 logger = logging.getLogger(__name__)
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 SIZE_RULES = ("exact", "original")
 REMOTE_CODE_FILE = "pipeline_osediff"
-
-ImageInput = PIL.Image.Image | torch.Tensor | Sequence[PIL.Image.Image | torch.Tensor]
 
 
 @dataclass
@@ -60,6 +57,10 @@ class OSEDiffPipelineOutput(BaseOutput):
     prompts: list[str]
 
 
+#: The original's pre-processing (RGB first, LANCZOS to multiples of 8) for :func:`~pipelines.common.upscale_image`.
+OSEDIFF_PREPROCESS = {"rgb_first": True, "multiple_resample": PIL.Image.LANCZOS, "same_size_noop": True}
+
+
 def preprocess_osediff(
     image: PIL.Image.Image | torch.Tensor, upscale: float, process_size: int
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -68,35 +69,11 @@ def preprocess_osediff(
     PIL inputs follow ``test_osediff.py`` exactly (bicubic, bicubic, LANCZOS); (3, h, w) tensors in [0, 1] use
     torch bicubic (antialiased when shrinking) for every step.
     """
-    is_pil = isinstance(image, PIL.Image.Image)
-    width, height = image.size if is_pil else (image.shape[-1], image.shape[-2])
-    exact_size = (int(width * upscale), int(height * upscale))
-
-    def resize(img, size: tuple[int, int], resample=PIL.Image.BICUBIC):
-        if is_pil:
-            return img.resize(size, resample)
-        if size == (img.shape[-1], img.shape[-2]):
-            return img
-        down = size[0] < img.shape[-1] or size[1] < img.shape[-2]
-        out = F.interpolate(img[None].float(), size=(size[1], size[0]), mode="bicubic", antialias=down)
-        return out[0].clamp(0, 1)
-
-    if is_pil:
-        image = image.convert("RGB")
-    min_side = int(process_size // upscale)
-    if width < min_side or height < min_side:
-        scale = min_side / min(width, height)
-        width, height = int(scale * width), int(scale * height)
-        image = resize(image, (width, height))
-    image = resize(image, (int(width * upscale), int(height * upscale)))
-    w, h = image.size if is_pil else (image.shape[-1], image.shape[-2])
-    if w < 8 or h < 8:
-        raise ValueError(f"image: the upscaled image is {w}x{h}, smaller than 8 pixels on a side")
-    image = resize(image, (w - w % 8, h - h % 8), PIL.Image.LANCZOS)
-    return _to_tensor(image), exact_size
+    image, exact_size = upscale_image(image, upscale, process_size, **OSEDIFF_PREPROCESS)
+    return to_tensor(image), exact_size
 
 
-class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
+class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeline):
     r"""OSEDiff one-step super-resolution: a LoRA-tuned Stable Diffusion 2.1-base VAE encoder and UNet, one step.
 
     Components: ``vae`` (AutoencoderKL, its encoder with OSEDiff's LoRA), ``unet`` (UNet2DConditionModel with
@@ -110,6 +87,9 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
     _optional_components = ["prompt_extractor"]
     _callback_tensor_inputs = ["latents"]
     loader_file = REMOTE_CODE_FILE
+    preprocess_options = OSEDIFF_PREPROCESS
+    encode_in_float32 = True  # the original maps the LQ to [-1, 1] in float32, then casts
+    contiguous_lq = True
 
     def __init__(
         self,
@@ -147,36 +127,10 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             if has_lora(model):
                 fuse_lora(model)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """``DiffusionPipeline.save_pretrained`` (adapters saved next to the base weights) plus a two-line loader
-        file, so that ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` also loads the folder."""
-        super().save_pretrained(save_directory, **kwargs)
-        self._write_loader(save_directory)
-
     # Inputs ------------------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _as_list(image: ImageInput) -> list[PIL.Image.Image | torch.Tensor]:
-        if isinstance(image, PIL.Image.Image):
-            return [image]
-        if isinstance(image, torch.Tensor):
-            return list(image) if image.ndim == 4 else [image]
-        return list(image)
-
     def check_inputs(self, images: list, prompts: list, generator, tensor_inputs: list[str], **options: Any) -> None:
-        if not images:
-            raise ValueError("image: expected at least one image, got an empty list")
-        for i, img in enumerate(images):
-            if isinstance(img, torch.Tensor):
-                if img.ndim != 3 or img.shape[0] != 3 or not img.is_floating_point():
-                    raise ValueError(
-                        f"image[{i}]: a tensor image must be float (3, H, W) in [0, 1], got {img.dtype} "
-                        f"{tuple(img.shape)}"
-                    )
-            elif not isinstance(img, PIL.Image.Image):
-                raise TypeError(f"image[{i}]: expected a PIL image or a torch tensor, got {type(img).__name__}")
-        if len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt: expected a string or {len(images)} strings (one per image), got {prompts!r}")
+        self.check_images_and_prompts(images, prompts)
         tile, overlap = options["latent_tile_size"], options["latent_tile_overlap"]
         checks = [
             (options["upscale"] >= 1, "upscale", "a number >= 1"),
@@ -197,82 +151,48 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {self._callback_tensor_inputs}")
 
-    def prepare_lq(
-        self, images: list, upscale: float, process_size: int
-    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """(B, 3, H, W) model inputs in [0, 1] on the execution device, and each image's ``upscale`` x size."""
-        tensors, sizes = zip(*(preprocess_osediff(img, upscale, process_size) for img in images), strict=True)
-        shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"image: all images of a batch must have the same size after pre-processing, got {shapes}"
-            )
-        return torch.stack(tensors).to(self._execution_device), list(sizes)
-
     def build_prompts(self, lq: torch.Tensor, prompts: list[str]) -> list[str]:
-        """``f"{tags}, {prompt},"`` with DAPE's tags of the pre-processed (upscaled) images, as the original."""
+        """``f"{tags}, {prompt},"`` with DAPE's tags of the pre-processed (upscaled) images in [0, 1] (uint8: value
+        / 255), as the original."""
         tags = [None] * len(prompts)
         if self.prompt_extractor is not None:
             extractor_device = self.prompt_extractor.device
-            tags, _ = dape_condition(self.prompt_extractor, list(lq.to(extractor_device)))
+            tags, _ = dape_condition(self.prompt_extractor, list(unit_float(lq).to(extractor_device)))
         return [compose_prompt(t, p, "") for t, p in zip(tags, prompts, strict=True)]
 
     # Model stages ------------------------------------------------------------------------------------------------
-
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP token embeddings of ``prompts``, in the UNet's dtype."""
-        embeds = encode_prompt(self.tokenizer, self.text_encoder, prompts, self._execution_device)
-        return embeds.to(dtype=self.unet.dtype)
-
-    @torch.no_grad()
-    def encode_lq(self, lq: torch.Tensor, generator, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
-        """Scaled latents: a sample (from ``generator``; None: torch's global RNG, as the original) of the LoRA VAE
-        encoder's posterior of ``lq * 2 - 1`` (computed in float32, then cast, as the original)."""
-        dtype = torch.float32 if upcast_vae else self.vae.dtype
-        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
-            posterior = self.vae.encode((lq.float() * 2 - 1).to(dtype)).latent_dist
-            latents = posterior.sample(generator=generator)
-        return latents * self.vae.config.scaling_factor
 
     def predict_noise(
         self, latents: torch.Tensor, embeds: torch.Tensor, tile_size: int | None, tile_overlap: int, progress
     ) -> torch.Tensor:
         """The UNet's noise prediction at t=999, tiled with Gaussian blending when the latent is large."""
         timestep = torch.tensor([ONESTEP_TIMESTEP], device=latents.device)
-        height, width = latents.shape[-2:]
-        if not needs_latent_tiling(height, width, tile_size):
-            noise_pred = self.unet(latents, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
+
+        def predict(tile: torch.Tensor, region: tuple | None = None) -> torch.Tensor:
+            noise_pred = self.unet(tile, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
             progress.update()
             return noise_pred
-        total = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
-        weight_sum = torch.zeros((height, width), device=latents.device, dtype=torch.float32)
-        for top, left, tile_h, tile_w in tile_grid(height, width, tile_size, tile_overlap):
-            weights = gaussian_weights(tile_h, tile_w, device=latents.device).float()
-            tile = latents[:, :, top : top + tile_h, left : left + tile_w]
-            pred = self.unet(tile, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
-            total[:, :, top : top + tile_h, left : left + tile_w] += pred.float() * weights
-            weight_sum[top : top + tile_h, left : left + tile_w] += weights
-            progress.update()
-        return (total / weight_sum).to(latents.dtype)
+
+        if not needs_latent_tiling(*latents.shape[-2:], tile_size):
+            return predict(latents)
+        return blended_prediction(latents, tile_size, tile_overlap, predict)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
-        """Decoded images in [-1, 1] (clamped), in the VAE's dtype."""
-        dtype = torch.float32 if upcast_vae else self.vae.dtype
-        with vae_tiling(self.vae, vae_tile_size), _vae_in_dtype(self.vae, dtype):
-            images = self.vae.decode(latents.to(dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return images.clamp_(-1, 1)
+        """Decoded images in [-1, 1] (clamped), in the VAE's dtype (tiled above ``vae_tile_size`` pixels with
+        image-wide GroupNorm statistics)."""
+        return self.vae_decode(latents, vae_tile_size, upcast_vae).clamp_(-1, 1)
 
     @staticmethod
     def postprocess(
         decoded: torch.Tensor,
-        reference: torch.Tensor,
+        reference: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
         sizes: list[tuple[int, int]] | None,
         method: str | None,
         output_type: str,
     ):
-        """Colour fix against the pre-processed LQ, then (``sizes`` given) resize to ``sizes``. ``decoded`` (in
-        [-1, 1]) is overwritten in place.
+        """Colour fix against the pre-processed LQ (``reference``: the float32 image, or its AdaIN statistics),
+        then (``sizes`` given) resize to ``sizes``. ``decoded`` (in [-1, 1]) is overwritten in place.
 
         ``"pil"`` follows the original's 8-bit chain: ``x * 0.5 + 0.5`` truncated to 8 bits (``ToPILImage``),
         colour-fixed in float32, clamped and truncated again, PIL-bicubic resized. ``"np"`` / ``"pt"`` stay in float
@@ -283,14 +203,10 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         if output_type == "pil":
             # trunc of [0, 255] = the uint8 conversion; the 8-bit values then in float32, as ToTensor gives them
             images = images.mul_(255).trunc_().to(torch.float32).div_(255)
-            images = color_fix(images, reference.float(), method).clamp_(0, 1)
-            arrays = images.mul_(255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            pils = [PIL.Image.fromarray(a) for a in arrays]
-            if sizes is None:
-                return pils
-            return [p if p.size == s else p.resize(s, PIL.Image.BICUBIC) for p, s in zip(pils, sizes, strict=True)]
+            images = color_fix(images, reference, method, inplace=True).clamp_(0, 1)
+            return to_pil_list(images.mul_(255), sizes)
         images = images.to(torch.promote_types(images.dtype, torch.float32))
-        images = color_fix(images, reference.to(images.dtype), method).clamp_(0, 1)
+        images = color_fix(images, reference, method, inplace=True).clamp_(0, 1)
         if sizes is not None:
             return resize_outputs(images, sizes, output_type)
         return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
@@ -353,12 +269,14 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         )
 
         # 2. Pre-process; DAPE tags of the upscaled images; text embeddings.
-        lq, sizes = self.prepare_lq(images, upscale, process_size)
-        full_prompts = self.build_prompts(lq, prompts)
+        lq = self.prepare_lq(images, upscale, process_size)
+        full_prompts = self.build_prompts(lq.pixels, prompts)
         embeds = self.encode_prompt(full_prompts)
+        lq.add_color_reference(color_fix)  # AdaIN: only the reference's statistics are kept for the colour fix
 
         # 3. One step: LoRA VAE encoder -> UNet at t=999 -> x0.
-        latents = self.encode_lq(lq, generator, vae_tile_size, upcast_vae).to(self.unet.dtype)
+        latents = self.encode_lq(lq.pixels, generator, vae_tile_size, upcast_vae).to(self.unet.dtype)
+        reference = lq.release(color_fix)  # the full-size LQ is dropped unless the colour fix needs it (wavelet)
         height, width = latents.shape[-2:]
         num_tiles = len(tile_grid(height, width, latent_tile_size, latent_tile_overlap)) if needs_latent_tiling(
             height, width, latent_tile_size
@@ -377,7 +295,8 @@ class OSEDiffPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             del noise_pred
             decoded = self.decode_latents(latents, vae_tile_size, upcast_vae)
             del latents
-            result = self.postprocess(decoded, lq, sizes if size_rule == "exact" else None, color_fix, output_type)
+            sizes = lq.sizes if size_rule == "exact" else None
+            result = self.postprocess(decoded, reference, sizes, color_fix, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return result, full_prompts

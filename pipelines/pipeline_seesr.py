@@ -23,15 +23,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiffusionPipeline
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
@@ -40,15 +38,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import dape.model  # noqa: F401  (registers the prompt_extractor's module for diffusers' component loader)
 from seesr.color import COLOR_FIX_METHODS, color_fix
-from seesr.conditioning import build_condition, encode_prompt
+from seesr.conditioning import build_condition
 from seesr.denoise import SeeSRCondition, predict_noise
-from seesr.image_io import pil_to_tensor
 from seesr.models.controlnet import SeeSRControlNetModel
 from seesr.models.unet import SeeSRUNet2DConditionModel
 
+from .common import ImageInput, LQBatch, SRPipelineMixin, resize_outputs, to_pil_list, to_tensor, upscale_image
 from .loading import InstalledCodeLoaderMixin
-from .tiling import gaussian_weights, needs_latent_tiling, tile_grid
-from .vae_tiling import tiled_decode, tiled_encode
+from .tiling import blended_prediction, needs_latent_tiling
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +71,6 @@ REMOTE_CODE_FILE = "pipeline_seesr"
 #: a caller's explicit value always wins. These are the original ``test_seesr.py``'s.
 SAMPLING_DEFAULTS = {"num_inference_steps": 50, "guidance_scale": 5.5, "latent_tile_overlap": 16}
 
-ImageInput = PIL.Image.Image | torch.Tensor | Sequence[PIL.Image.Image | torch.Tensor]
-
 
 @dataclass
 class SeeSRPipelineOutput(BaseOutput):
@@ -85,26 +80,6 @@ class SeeSRPipelineOutput(BaseOutput):
     prompts: list[str]
 
 
-def _to_tensor(image: PIL.Image.Image | torch.Tensor) -> torch.Tensor:
-    """(3, H, W) float32 in [0, 1]."""
-    return pil_to_tensor(image) if isinstance(image, PIL.Image.Image) else image.float()
-
-
-def resize_outputs(images: torch.Tensor, sizes: list[tuple[int, int]], output_type: str):
-    """(B, 3, H, W) images in [0, 1] resized (torch bicubic) to their final (width, height) ``sizes``, as a
-    (B, 3, h, w) tensor or (B, h, w, 3) array for ``output_type`` "pt" / "np"; a list when the sizes differ."""
-    resized = [
-        F.interpolate(image[None], size=(h, w), mode="bicubic", antialias=True).clamp(0, 1)[0]
-        if (w, h) != (image.shape[-1], image.shape[-2])
-        else image
-        for image, (w, h) in zip(images, sizes, strict=True)
-    ]
-    if len(set(sizes)) > 1:  # originals of different sizes: one tensor / array per image
-        return [r.cpu().permute(1, 2, 0).numpy() if output_type == "np" else r for r in resized]
-    images = torch.stack(resized)
-    return images.cpu().permute(0, 2, 3, 1).numpy() if output_type == "np" else images
-
-
 def preprocess_lq(
     image: PIL.Image.Image | torch.Tensor, upscale: float, process_size: int
 ) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -112,31 +87,11 @@ def preprocess_lq(
 
     PIL inputs follow the original exactly (PIL bicubic); (3, h, w) tensors in [0, 1] use torch bicubic.
     """
-    is_pil = isinstance(image, PIL.Image.Image)
-    width, height = image.size if is_pil else (image.shape[-1], image.shape[-2])
-    final_size = (int(width * upscale), int(height * upscale))
-
-    def resize(img, size: tuple[int, int]):
-        if is_pil:
-            return img.resize(size, PIL.Image.BICUBIC)
-        down = size[0] < img.shape[-1] or size[1] < img.shape[-2]
-        out = F.interpolate(img[None].float(), size=(size[1], size[0]), mode="bicubic", antialias=down)
-        return out[0].clamp(0, 1)
-
-    min_side = int(process_size // upscale)
-    if width < min_side or height < min_side:
-        scale = min_side / min(width, height)
-        width, height = int(scale * width), int(scale * height)
-        image = resize(image, (width, height))
-    image = resize(image, (int(width * upscale), int(height * upscale)))
-    w, h = image.size if is_pil else (image.shape[-1], image.shape[-2])
-    if w < 8 or h < 8:
-        raise ValueError(f"image: the upscaled image is {w}x{h}, smaller than 8 pixels on a side")
-    image = resize(image, (w // 8 * 8, h // 8 * 8))
-    return _to_tensor(image), final_size
+    image, final_size = upscale_image(image, upscale, process_size)
+    return to_tensor(image), final_size
 
 
-class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
+class SeeSRPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeline):
     r"""SeeSR super-resolution: DAPE prompts + ControlNet with RCA over a frozen Stable Diffusion UNet.
 
     Components: ``vae`` (AutoencoderKL), ``text_encoder`` + ``tokenizer`` (CLIP), ``unet``
@@ -204,23 +159,7 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         stored = self.config.get("sampling_defaults") or {}
         return stored.get(name, SAMPLING_DEFAULTS[name])
 
-    # Saving and loading ------------------------------------------------------------------------------------------
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """``DiffusionPipeline.save_pretrained`` plus a two-line loader file, so that the folder also loads with
-        ``DiffusionPipeline.from_pretrained(dir, trust_remote_code=True)`` (it imports this installed package)."""
-        super().save_pretrained(save_directory, **kwargs)
-        self._write_loader(save_directory)
-
     # Inputs ------------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def _as_list(image: ImageInput) -> list[PIL.Image.Image | torch.Tensor]:
-        if isinstance(image, PIL.Image.Image):
-            return [image]
-        if isinstance(image, torch.Tensor):
-            return list(image) if image.ndim == 4 else [image]
-        return list(image)
 
     def check_inputs(
         self,
@@ -243,19 +182,7 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         num_images_per_prompt: int,
         callback_on_step_end_tensor_inputs: list[str],
     ) -> None:
-        if not images:
-            raise ValueError("image: expected at least one image, got an empty list")
-        for i, img in enumerate(images):
-            if isinstance(img, torch.Tensor):
-                if img.ndim != 3 or img.shape[0] != 3 or not img.is_floating_point():
-                    raise ValueError(
-                        f"image[{i}]: a tensor image must be float (3, H, W) in [0, 1], got {img.dtype} "
-                        f"{tuple(img.shape)}"
-                    )
-            elif not isinstance(img, PIL.Image.Image):
-                raise TypeError(f"image[{i}]: expected a PIL image or a torch tensor, got {type(img).__name__}")
-        if len(prompts) != len(images) or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"prompt: expected a string or {len(images)} strings (one per image), got {prompts!r}")
+        self.check_images_and_prompts(images, prompts)
         if not isinstance(negative_prompt, str) and len(negative_prompt) != len(images):
             raise ValueError(f"negative_prompt: expected a string or {len(images)} strings, got {negative_prompt!r}")
         checks = [
@@ -297,42 +224,7 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         if bad:
             raise ValueError(f"callback_on_step_end_tensor_inputs: {bad} not in {self._callback_tensor_inputs}")
 
-    def prepare_lq(
-        self, images: list, upscale: float, process_size: int
-    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-        """(B, 3, H, W) conditions in [0, 1] on the execution device, and each image's final (width, height)."""
-        tensors, sizes = zip(*(preprocess_lq(img, upscale, process_size) for img in images), strict=True)
-        shapes = {tuple(t.shape) for t in tensors}
-        if len(shapes) > 1:
-            raise ValueError(
-                f"image: all images of a batch must have the same size after pre-processing, got {shapes}"
-            )
-        batch = tensors[0][None] if len(tensors) == 1 else torch.stack(tensors)
-        return batch.to(self._execution_device), list(sizes)
-
-    def encode_prompt(self, prompts: list[str]) -> torch.Tensor:
-        """CLIP token embeddings of ``prompts``, in the UNet's dtype."""
-        embeds = encode_prompt(self.tokenizer, self.text_encoder, prompts, self._execution_device)
-        return embeds.to(dtype=self.unet.dtype)
-
     # Latents -----------------------------------------------------------------------------------------------------
-
-    def _vae_dtype(self, upcast_vae: bool) -> torch.dtype:
-        return torch.float32 if upcast_vae else self.vae.dtype
-
-    @torch.no_grad()
-    def encode_lq(self, lq: torch.Tensor, generator, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
-        """Scaled VAE latents sampled (with ``generator``) from the LQ condition in [0, 1]."""
-        dtype = self._vae_dtype(upcast_vae)
-        with _vae_in_dtype(self.vae, dtype):
-            if vae_tile_size is not None and max(lq.shape[-2:]) > vae_tile_size:
-                # GroupNorm statistics of the whole image, one window's activations at a time (vae_tiling.py).
-                tile = vae_tile_size // self.vae_scale_factor * self.vae_scale_factor
-                posterior = tiled_encode(self.vae, lq, tile, unit_range=True)  # maps each window to [-1, 1]
-            else:
-                posterior = self.vae.encode(lq.to(dtype) * 2 - 1).latent_dist
-            latents = posterior.sample(generator=generator)
-        return latents * self.vae.config.scaling_factor
 
     def noise_to_timestep(
         self, latents: torch.Tensor, noise: torch.Tensor, timestep: int | torch.Tensor, first_step: bool = False
@@ -395,56 +287,41 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         tile_overlap: int,
     ) -> torch.Tensor:
         """The denoiser's prediction for ``latents``, tiled with Gaussian blending when the latent is large."""
-        height, width = latents.shape[-2:]
-        if not needs_latent_tiling(height, width, tile_size):
+        if not needs_latent_tiling(*latents.shape[-2:], tile_size):
             return predict_noise(self.unet, self.controlnet, latents, timestep, cond, conditioning_scale)
-        total = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
-        weight_sum = torch.zeros((height, width), device=latents.device, dtype=torch.float32)
-        weights = {}
-        for top, left, tile_h, tile_w in tile_grid(height, width, tile_size, tile_overlap):
-            if (tile_h, tile_w) not in weights:
-                weights[tile_h, tile_w] = gaussian_weights(tile_h, tile_w, device=latents.device).float()
-            tile = latents[:, :, top : top + tile_h, left : left + tile_w]
-            tile_cond = cond.crop(top, left, tile_h, tile_w, self.vae_scale_factor)
-            pred = predict_noise(self.unet, self.controlnet, tile, timestep, tile_cond, conditioning_scale)
-            total[:, :, top : top + tile_h, left : left + tile_w] += pred.float() * weights[tile_h, tile_w]
-            weight_sum[top : top + tile_h, left : left + tile_w] += weights[tile_h, tile_w]
-        return (total / weight_sum).to(latents.dtype)
+
+        def predict_tile(tile: torch.Tensor, region: tuple[int, int, int, int]) -> torch.Tensor:
+            tile_cond = cond.crop(*region, self.vae_scale_factor)
+            return predict_noise(self.unet, self.controlnet, tile, timestep, tile_cond, conditioning_scale)
+
+        return blended_prediction(latents, tile_size, tile_overlap, predict_tile)
 
     # Outputs -----------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
         """(B, 3, H, W) float32 images in [0, 1]."""
-        dtype = self._vae_dtype(upcast_vae)
-        with _vae_in_dtype(self.vae, dtype):
-            latents = latents.to(dtype) / self.vae.config.scaling_factor
-            if vae_tile_size is not None and max(latents.shape[-2:]) * self.vae_scale_factor > vae_tile_size:
-                images = tiled_decode(self.vae, latents, vae_tile_size // self.vae_scale_factor)
-            else:
-                images = self.vae.decode(latents, return_dict=False)[0]
-        return images.float().div_(2).add_(0.5).clamp_(0, 1)
+        return self.vae_decode(latents, vae_tile_size, upcast_vae).float().div_(2).add_(0.5).clamp_(0, 1)
 
     @staticmethod
     def postprocess(
         images: torch.Tensor,
-        reference: torch.Tensor,
+        reference: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
         sizes: list[tuple[int, int]],
         method: str | None,
         output_type: str,
     ):
-        """Colour fix against the LQ condition, then resize to ``upscale`` x the original size.
+        """Colour fix against the LQ condition (``reference``: the image, or its AdaIN statistics), then resize to
+        ``upscale`` x the original size. ``images`` (float32 in [0, 1]) is overwritten.
 
         ``"pil"`` follows the original's rounding: decoded images are rounded to 8 bits, colour-fixed, truncated to
         8 bits, then PIL-bicubic resized. ``"np"`` / ``"pt"`` stay in float and resize with torch bicubic.
         """
         if output_type == "pil":  # in place: `images` is the pipeline's own decoded batch
             images = images.mul_(255).round_().div_(255)
-        images = color_fix(images, reference.to(images), method)
+        images = color_fix(images, reference, method, inplace=True)
         if output_type == "pil":
-            arrays = images.mul_(255).clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            pils = [PIL.Image.fromarray(a) for a in arrays]
-            return [p if p.size == s else p.resize(s, PIL.Image.BICUBIC) for p, s in zip(pils, sizes, strict=True)]
+            return to_pil_list(images.mul_(255), sizes)
         return resize_outputs(images, sizes, output_type)
 
     # The call ----------------------------------------------------------------------------------------------------
@@ -529,10 +406,10 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         # the text embeddings of [negative, positive] prompts for classifier-free guidance, and one copy of the LQ
         # and the DAPE tokens that serves both halves (the denoiser repeats them per tile, so no doubled
         # full-resolution condition is kept).
-        lq, sizes = self.prepare_lq(images, upscale, process_size)
+        lq = self.prepare_lq(images, upscale, process_size)
         negatives = [negative_prompt] * len(images) if isinstance(negative_prompt, str) else list(negative_prompt)
         cond, full_prompts = build_condition(
-            lq,
+            lq.pixels,
             prompts,
             self.tokenizer,
             self.text_encoder,
@@ -544,8 +421,9 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
             dtype=self.unet.dtype,
         )
         if repeats > 1:
-            lq, sizes = lq.repeat_interleave(repeats, dim=0), [s for s in sizes for _ in range(repeats)]
+            lq = LQBatch(lq.pixels.repeat_interleave(repeats, dim=0), [s for s in lq.sizes for _ in range(repeats)])
             cond = cond.repeat_interleave(repeats)
+        lq.add_color_reference(color_fix)  # AdaIN: only the reference's statistics are kept for the colour fix
         if self.cache_control_embedding:  # the ControlNet's condition embedding, once per image/tile (exact)
             cond = dataclasses.replace(
                 cond, embedding_cache={}, embedding_cache_bytes=int(self.control_embedding_cache_mib * 2**20)
@@ -555,7 +433,7 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(
-            lq, timesteps, start_point, start_timestep, generator, vae_tile_size, upcast_vae
+            lq.pixels, timesteps, start_point, start_timestep, generator, vae_tile_size, upcast_vae
         )
 
         # 4. Denoise. Each scheduler gets only the keyword arguments its step() accepts (e.g. generator).
@@ -578,12 +456,13 @@ class SeeSRPipeline(InstalledCodeLoaderMixin, DiffusionPipeline):
 
         # 5. Decode, colour-fix, resize.
         del cond
+        reference = lq.release(color_fix)  # what the colour fix needs; the full-size LQ is dropped when not that
         if output_type == "latent":
             result = latents
         else:
-            # No name keeps the decoded batch: postprocess can drop it once colour-fixed (one full-size copy less).
+            # No name keeps the decoded batch: postprocess overwrites it (no full-size copy beside it).
             result = self.postprocess(
-                self.decode_latents(latents, vae_tile_size, upcast_vae), lq, sizes, color_fix, output_type
+                self.decode_latents(latents, vae_tile_size, upcast_vae), reference, lq.sizes, color_fix, output_type
             )
         self.maybe_free_model_hooks()
         prompts_used = [p for p in full_prompts for _ in range(repeats)]
@@ -604,18 +483,3 @@ def _posterior_generator(generator):
     if isinstance(generator, list):
         return [_posterior_generator(g) for g in generator]
     return torch.Generator(device=generator.device).manual_seed(generator.initial_seed() ^ 0x5EE5)
-
-
-class _vae_in_dtype:
-    """Run the VAE in ``dtype`` inside the block (a no-op when it already is), restoring it afterwards."""
-
-    def __init__(self, vae: AutoencoderKL, dtype: torch.dtype):
-        self.vae, self.dtype, self.saved = vae, dtype, vae.dtype
-
-    def __enter__(self):
-        if self.saved != self.dtype:
-            torch.nn.Module.to(self.vae, dtype=self.dtype)
-
-    def __exit__(self, *exc):
-        if self.saved != self.dtype:
-            torch.nn.Module.to(self.vae, dtype=self.saved)

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable
 
 import torch
 
@@ -56,25 +55,23 @@ def needs_latent_tiling(height: int, width: int, tile: int | None) -> bool:
     return tile is not None and height * width > tile * tile
 
 
-@contextlib.contextmanager
-def vae_tiling(vae, sample_tile: int | None, overlap_factor: float = 0.25) -> Iterator[None]:
-    """Temporarily enable diffusers' VAE tiling with ``sample_tile``-pixel tiles (None: leave the VAE as it is).
+def blended_prediction(
+    latents: torch.Tensor, tile: int, overlap: int, predict: Callable[[torch.Tensor, tuple], torch.Tensor]
+) -> torch.Tensor:
+    """``predict`` run per latent tile of :func:`tile_grid` and blended with :func:`gaussian_weights` (in float32).
 
-    diffusers normalises each tile alone; SeeSRPipeline uses :mod:`pipelines.vae_tiling` (image-wide GroupNorm
-    statistics) instead. Kept for callers that want diffusers' behaviour.
+    ``predict(tile_latents, (top, left, tile_height, tile_width))`` returns the prediction for that tile; the
+    result has ``latents``' shape and dtype.
     """
-    if sample_tile is None or not hasattr(vae, "use_tiling"):
-        yield
-        return
-    names = ("use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
-    saved = {name: getattr(vae, name) for name in names}
-    scale = 2 ** (len(vae.config.block_out_channels) - 1)
-    vae.use_tiling = True
-    vae.tile_sample_min_size = sample_tile
-    vae.tile_latent_min_size = sample_tile // scale
-    vae.tile_overlap_factor = overlap_factor
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(vae, name, value)
+    height, width = latents.shape[-2:]
+    total = torch.zeros(latents.shape, device=latents.device, dtype=torch.float32)
+    weight_sum = torch.zeros((height, width), device=latents.device, dtype=torch.float32)
+    weights = {}
+    for top, left, tile_h, tile_w in tile_grid(height, width, tile, overlap):
+        if (tile_h, tile_w) not in weights:
+            weights[tile_h, tile_w] = gaussian_weights(tile_h, tile_w, device=latents.device).float()
+        region = (slice(None), slice(None), slice(top, top + tile_h), slice(left, left + tile_w))
+        pred = predict(latents[region], (top, left, tile_h, tile_w))
+        total[region] += pred.float() * weights[tile_h, tile_w]
+        weight_sum[region[2:]] += weights[tile_h, tile_w]
+    return (total / weight_sum).to(latents.dtype)

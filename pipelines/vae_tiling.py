@@ -56,6 +56,8 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from seesr.image_io import unit_float
+
 #: Context margins: 64 image pixels for the encoder (the original: 32; at 512 px windows 64 needs no more windows up
 #: to 2048 px and halves the receptive-field cut-off), 11 latent pixels for the decoder (as the original).
 DEFAULT_ENCODER_OVERLAP = 64
@@ -308,11 +310,13 @@ class GroupNormAggregator:
 
 
 def _downsampled(x: torch.Tensor, tile: int, align: int) -> torch.Tensor:
-    """``x`` shrunk (area-averaged) so its longer side fits ``tile``, sides multiples of ``align``."""
+    """``x`` shrunk (area-averaged) so its longer side fits ``tile``, sides multiples of ``align`` (uint8 ``x``:
+    as float value / 255)."""
     height, width = x.shape[-2:]
     factor = tile / max(height, width)
     size = tuple(max(align, int(side * factor) // align * align) for side in (height, width))
-    return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
+    small = F.interpolate(unit_float(x) if x.dtype == torch.uint8 else x.float(), size=size, mode="area")
+    return small.to(x.dtype) if x.is_floating_point() else small
 
 
 @torch.no_grad()
@@ -374,9 +378,20 @@ def _offload_pre_forward(vae) -> None:
         hook.pre_forward(vae)
 
 
-def _check_input(name: str, x: torch.Tensor, channels: int) -> None:
+def _prepare(vae, name: str, x: torch.Tensor, tile: int, overlap: int | None, preferred: int) -> int:
+    """Check the input and the tiling of ``tiled_encode`` / ``tiled_decode`` (``name``), run an offload hook;
+    returns the overlap (``preferred`` at most a quarter of the tile when None)."""
+    encode = name == "tiled_encode"
+    arg, channels = ("image", vae.config.in_channels) if encode else ("latents", vae.config.latent_channels)
     if x.ndim != 4 or x.shape[1] != channels:
-        raise ValueError(f"{name}: expected a (B, {channels}, H, W) tensor, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name}: {arg}: expected a (B, {channels}, H, W) tensor, got shape {tuple(x.shape)}")
+    align = vae_scale_factor(vae) if encode else 1
+    if x.shape[-2] % align or x.shape[-1] % align:
+        raise ValueError(f"{name}: {arg} sides {tuple(x.shape[-2:])} must be multiples of {align}")
+    overlap = default_overlap(tile, preferred, align) if overlap is None else overlap
+    _check_tiling(name, tile, overlap, align)
+    _offload_pre_forward(vae)
+    return overlap
 
 
 def tiled_encode(
@@ -389,21 +404,19 @@ def tiled_encode(
 ) -> DiagonalGaussianDistribution:
     """``vae.encode(image).latent_dist`` in ``tile_size``-pixel windows with image-wide GroupNorm statistics.
 
-    ``image``: (B, C, H, W) in [-1, 1] (``unit_range=True``: in [0, 1], mapped per window as ``x * 2 - 1`` in the
-    VAE's dtype, which spares a full-size copy), H and W multiples of the VAE's scale factor; ``tile_size`` /
-    ``overlap``: window side and context margin in image pixels (multiples of the scale factor; ``overlap=None``:
-    32, at most a quarter of the tile); ``exact=False``: fast mode (see the module docstring).
+    ``image``: (B, C, H, W) in [-1, 1] (``unit_range=True``: in [0, 1], float or uint8 read as value / 255, mapped
+    per window as ``x * 2 - 1`` in the VAE's dtype, which spares a full-size copy), H and W multiples of the VAE's
+    scale factor; ``tile_size`` / ``overlap``: window side and context margin in image pixels (multiples of the scale
+    factor; ``overlap=None``: 64, at most a quarter of the tile); ``exact=False``: fast mode (module docstring).
     """
     scale = vae_scale_factor(vae)
-    _check_input("tiled_encode: image", image, vae.config.in_channels)
-    if image.shape[-2] % scale or image.shape[-1] % scale:
-        raise ValueError(f"tiled_encode: image sides {tuple(image.shape[-2:])} must be multiples of {scale}")
-    overlap = default_overlap(tile_size, DEFAULT_ENCODER_OVERLAP, scale) if overlap is None else overlap
-    _check_tiling("tiled_encode", tile_size, overlap, scale)
-    _offload_pre_forward(vae)
+    overlap = _prepare(vae, "tiled_encode", image, tile_size, overlap, DEFAULT_ENCODER_OVERLAP)
+    if image.dtype == torch.uint8 and not unit_range:
+        raise ValueError("tiled_encode: a uint8 image is read as value / 255 and needs unit_range=True")
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        x = x.to(vae.dtype) * 2 - 1 if unit_range else x.to(vae.dtype)  # per window: no full-size copy
+        # per window: no full-size copy (uint8 windows are read as value / 255, as ToTensor)
+        x = unit_float(x, vae.dtype) * 2 - 1 if unit_range else x.to(vae.dtype)
         moments = vae.encoder(x)
         return vae.quant_conv(moments) if vae.quant_conv is not None else moments
 
@@ -427,10 +440,7 @@ def tiled_decode(
     ``overlap``: window side and context margin in latent pixels (``overlap=None``: 11, at most a quarter of the
     tile); ``exact=False``: fast mode (see the module docstring). Returns (B, 3, h * 8, w * 8) in [-1, 1].
     """
-    _check_input("tiled_decode: latents", latents, vae.config.latent_channels)
-    overlap = default_overlap(tile_size, DEFAULT_DECODER_OVERLAP, 1) if overlap is None else overlap
-    _check_tiling("tiled_decode", tile_size, overlap, 1)
-    _offload_pre_forward(vae)
+    overlap = _prepare(vae, "tiled_decode", latents, tile_size, overlap, DEFAULT_DECODER_OVERLAP)
 
     def forward(z: torch.Tensor) -> torch.Tensor:
         z = z.to(vae.dtype)

@@ -12,17 +12,28 @@ import torch.nn.functional as F
 COLOR_FIX_METHODS = ("adain", "wavelet", None)
 
 
-def adain_color_fix(content: torch.Tensor, reference: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Per-image, per-channel mean/std of ``content`` matched to ``reference`` (unbiased variance + eps)."""
+def adain_stats(x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-image, per-channel (mean, std) of (B, C, H, W) ``x`` as AdaIN uses them (unbiased variance + eps),
+    each (B, C, 1, 1). Computing a reference's once lets a caller drop the full-size float reference early."""
+    flat = x.flatten(2)
+    return flat.mean(-1)[..., None, None], (flat.var(-1, unbiased=True) + eps).sqrt()[..., None, None]
 
-    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        flat = x.flatten(2)
-        return flat.mean(-1)[..., None, None], (flat.var(-1, unbiased=True) + eps).sqrt()[..., None, None]
 
-    content_mean, content_std = stats(content)
-    reference_mean, reference_std = stats(reference)
-    # One full-size allocation: large outputs are colour-fixed at full resolution.
-    return (content - content_mean).div_(content_std).mul_(reference_std).add_(reference_mean).clamp_(0, 1)
+def adain_color_fix(
+    content: torch.Tensor,
+    reference: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    eps: float = 1e-5,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """Per-image, per-channel mean/std of ``content`` matched to ``reference`` (unbiased variance + eps).
+
+    ``reference``: the image, or its :func:`adain_stats`; ``inplace``: overwrite ``content`` (no full-size
+    allocation; the same values)."""
+    content_mean, content_std = adain_stats(content, eps)
+    reference_mean, reference_std = reference if isinstance(reference, tuple) else adain_stats(reference, eps)
+    # At most one full-size allocation: large outputs are colour-fixed at full resolution.
+    centred = content.sub_(content_mean) if inplace else content - content_mean
+    return centred.div_(content_std).mul_(reference_std).add_(reference_mean).clamp_(0, 1)
 
 
 def _wavelet_blur(x: torch.Tensor, dilation: int) -> torch.Tensor:
@@ -49,12 +60,27 @@ def wavelet_color_fix(content: torch.Tensor, reference: torch.Tensor, levels: in
     return (content_high + reference_low).clamp(0, 1)
 
 
-def color_fix(content: torch.Tensor, reference: torch.Tensor, method: str | None) -> torch.Tensor:
+def color_fix(
+    content: torch.Tensor,
+    reference: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    method: str | None,
+    inplace: bool = False,
+) -> torch.Tensor:
+    """``method`` applied to ``content`` (float32 arithmetic, returned in ``content``'s dtype). ``reference``: the
+    image, or for ``"adain"`` its :func:`adain_stats`; ``inplace``: AdaIN may overwrite a float32 ``content``."""
     if method not in COLOR_FIX_METHODS:
         raise ValueError(f"color_fix must be one of {COLOR_FIX_METHODS}, got {method!r}")
     if method is None:
         return content
+    if isinstance(reference, tuple):
+        if method != "adain":
+            raise ValueError(f"color_fix: {method} needs the reference image, got statistics")
+        expected = (content.shape[0], content.shape[1], 1, 1)
+        if tuple(reference[0].shape) != expected:
+            raise ValueError(f"color_fix: reference statistics {tuple(reference[0].shape)}, expected {expected}")
+        return adain_color_fix(content.float(), reference, inplace=inplace).to(content.dtype)
     if content.shape != reference.shape:
         raise ValueError(f"color_fix: content {tuple(content.shape)} and reference {tuple(reference.shape)} differ")
-    fix = adain_color_fix if method == "adain" else wavelet_color_fix
-    return fix(content.float(), reference.float()).to(content.dtype)
+    if method == "adain":
+        return adain_color_fix(content.float(), reference.float(), inplace=inplace).to(content.dtype)
+    return wavelet_color_fix(content.float(), reference.float()).to(content.dtype)

@@ -69,7 +69,8 @@ def build_condition(
     """The `SeeSRCondition` the denoiser takes, and the prompts it encodes: one function for pipeline and training.
 
     Args:
-        control_image: (B, 3, H, W) in [0, 1], the bicubic-upscaled LQ (the ControlNet's input), on the device.
+        control_image: (B, 3, H, W) in [0, 1], the bicubic-upscaled LQ (the ControlNet's input), on the device; or
+            uint8 (value / 255), kept as it is: the denoiser converts it per call (per tile).
         prompts: one text per image: the user's prompt (pipeline) or the training tags (after null-text dropout).
         tokenizer, text_encoder: CLIP, as in Stable Diffusion.
         dape: the DAPE model, or None (then no tags and no representation tokens unless ``image_embeds``).
@@ -97,6 +98,8 @@ def build_condition(
         texts = [compose_prompt(t, p, added_prompt) for t, p in zip(tags_or_none, texts, strict=True)]
     embeds = encode_prompt(tokenizer, text_encoder, [*negative_prompts, *texts] if negative_prompts else texts, device)
     if dtype is not None:
-        embeds, control_image = embeds.to(dtype=dtype), control_image.to(dtype)
+        embeds = embeds.to(dtype=dtype)
+        if control_image.is_floating_point():  # a uint8 control image stays uint8 (read as value / 255 per tile)
+            control_image = control_image.to(dtype)
         image_embeds = image_embeds.to(device, dtype) if image_embeds is not None else None
     return SeeSRCondition(embeds, control_image, image_embeds), texts

@@ -1,6 +1,7 @@
 """The SeeSR denoiser step shared by training and the pipeline: ControlNet, then UNet.
 
-Value ranges: ``control_image`` is the bicubic-upscaled LQ in [0, 1] (as SeeSR); latents are VAE latents scaled by
+Value ranges: ``control_image`` is the bicubic-upscaled LQ in [0, 1] (as SeeSR; float, or uint8 read as value / 255,
+which keeps a large image at a quarter of the float32 size); latents are VAE latents scaled by
 ``vae.config.scaling_factor``; ``image_embeds`` are the DAPE representation tokens (B, N, 512) or None (RCA skipped).
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from seesr.image_io import unit_float
 
 
 @dataclass
@@ -66,7 +69,7 @@ def predict_noise(
         control_image = control_image.repeat(latents.shape[0] // control_image.shape[0], 1, 1, 1)
     if image_embeds is not None and image_embeds.shape[0] != latents.shape[0]:
         image_embeds = image_embeds.repeat(latents.shape[0] // image_embeds.shape[0], 1, 1)
-    control_image = control_image.to(latents.dtype)
+    control_image = unit_float(control_image, latents.dtype)  # uint8: value / 255, per call (per tile)
     extra = {}
     if cond.embedding_cache is not None:
         key = (cond.region, tuple(control_image.shape), latents.dtype)
@@ -77,22 +80,13 @@ def predict_noise(
             if used + embeds.numel() * embeds.element_size() <= cond.embedding_cache_bytes:
                 cond.embedding_cache[key] = embeds
         extra["controlnet_cond_embeds"] = embeds
+    shared = {
+        "encoder_hidden_states": cond.prompt_embeds,
+        "image_encoder_hidden_states": image_embeds,
+        "return_dict": False,
+    }
     down, mid = controlnet(
-        latents,
-        timestep,
-        encoder_hidden_states=cond.prompt_embeds,
-        controlnet_cond=control_image,
-        conditioning_scale=conditioning_scale,
-        image_encoder_hidden_states=image_embeds,
-        return_dict=False,
-        **extra,
+        latents, timestep, controlnet_cond=control_image, conditioning_scale=conditioning_scale, **shared, **extra
     )
-    return unet(
-        latents,
-        timestep,
-        encoder_hidden_states=cond.prompt_embeds,
-        image_encoder_hidden_states=image_embeds,
-        down_block_additional_residuals=down,
-        mid_block_additional_residual=mid,
-        return_dict=False,
-    )[0]
+    residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+    return unet(latents, timestep, **residuals, **shared)[0]

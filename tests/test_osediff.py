@@ -258,6 +258,29 @@ def test_tiling_bounds_the_model_inputs(pipe):
     assert np.abs(tiled - whole).mean() < 0.1 and np.abs(tiled - whole).max() > 0  # blended tiles differ a little
 
 
+def test_vae_tiling_aggregates_groupnorm_statistics(pipe):
+    """VAE tiling with image-wide GroupNorm statistics (pipelines/vae_tiling.py): close to the untiled VAE, unlike
+    diffusers' tiling, which normalises each tile alone (measured here: max / mean |difference| 0.045 / 0.0025
+    against 0.52 / 0.035 for diffusers' tiling, output std 0.16)."""
+    image = lq_image(64, 48, seed=3)  # 256x192 output: encoder windows of 128 px, decoder windows of 16 latent px
+    kwargs = {"process_size": 32, "output_type": "np", "color_fix": None, "latent_tile_size": None}
+
+    def run(vae_tile_size):
+        return pipe(image, generator=torch.Generator().manual_seed(0), vae_tile_size=vae_tile_size, **kwargs).images
+
+    whole, ours = run(None), run(128)
+    pipe.vae.enable_tiling()  # diffusers' per-tile normalisation, same tile size
+    pipe.vae.tile_sample_min_size, pipe.vae.tile_latent_min_size = 128, 16
+    try:
+        theirs = run(None)
+    finally:
+        pipe.vae.disable_tiling()
+    ours_diff, theirs_diff = np.abs(ours - whole), np.abs(theirs - whole)
+    assert ours.shape == whole.shape == (1, 192, 256, 3)
+    assert ours_diff.max() < 0.1 and ours_diff.mean() < 0.01, (ours_diff.max(), ours_diff.mean())
+    assert theirs_diff.max() > 0.1 and theirs_diff.mean() > 0.01, (theirs_diff.max(), theirs_diff.mean())
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

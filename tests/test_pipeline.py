@@ -68,6 +68,28 @@ def test_num_images_per_prompt(pipe):
     assert out.images.shape == (2, 64, 64, 3) and np.abs(out.images[0] - out.images[1]).max() > 1e-4
 
 
+@pytest.mark.parametrize("color_fix", ["adain", "wavelet"])
+def test_uint8_lq_is_bitwise_the_float_lq(pipe, monkeypatch, color_fix):
+    """PIL inputs keep the upscaled LQ as uint8 (a quarter of float32's memory) and read it as value / 255 per
+    latent tile (ControlNet), per VAE window (encoder) and once for the colour fix: bitwise the float32 batch."""
+    kinds = []
+    prepare = SeeSRPipeline.prepare_lq
+
+    def as_float(self, *args):
+        lq = prepare(self, *args)
+        kinds.append(lq.pixels.dtype)
+        lq.pixels = lq.unit(torch.float32)
+        return lq
+
+    image = lq_image(24, 20, seed=6)
+    kwargs = {"latent_tile_size": 8, "latent_tile_overlap": 4, "vae_tile_size": 64, "color_fix": color_fix}
+    kept = run(pipe, image, output_type="pil", **kwargs).images[0]
+    monkeypatch.setattr(SeeSRPipeline, "prepare_lq", as_float)
+    floats = run(pipe, image, output_type="pil", **kwargs).images[0]
+    assert kinds == [torch.uint8]
+    assert np.array_equal(np.asarray(kept), np.asarray(floats))
+
+
 def test_tiled_close_to_untiled(pipe):
     image = lq_image(24, 24, seed=5)
     untiled = run(pipe, image, latent_tile_size=None, color_fix=None).images
