@@ -54,10 +54,11 @@ GUIDANCE = 5.5
 def _pipeline_defaults() -> tuple[int, int, int]:
     import inspect
 
-    from pipelines.pipeline_seesr import SeeSRPipeline
+    from pipelines.pipeline_seesr import SAMPLING_DEFAULTS, SeeSRPipeline
 
     params = inspect.signature(SeeSRPipeline.__call__).parameters
-    return tuple(params[n].default for n in ("latent_tile_size", "latent_tile_overlap", "vae_tile_size"))
+    overlap = params["latent_tile_overlap"].default or SAMPLING_DEFAULTS["latent_tile_overlap"]
+    return params["latent_tile_size"].default, overlap, params["vae_tile_size"].default
 
 
 TILE, TILE_OVERLAP, VAE_TILE = _pipeline_defaults()  # the pipeline's own defaults
@@ -117,19 +118,33 @@ CONFIGS: dict[str, dict] = {
 # Building --------------------------------------------------------------------------------------------------------
 
 
-def build_pipeline(name: str, device: str, dtype: torch.dtype, seed: int = 0):
-    """A SeeSRPipeline of ``CONFIGS[name]`` with seeded random weights, on ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+PRESETS = ("quality", "fast", "turbo", "onestep")
+#: SeeSR-Turbo's folder defaults (seesr convert --sd-turbo) and scheduler config (SD-Turbo's "trailing" spacing).
+TURBO_DEFAULTS = {"num_inference_steps": 2, "guidance_scale": 1.0, "latent_tile_overlap": 32}
+
+
+def build_pipeline(name: str, device: str, dtype: torch.dtype | None, seed: int = 0, preset: str | None = None):
+    """A pipeline of ``CONFIGS[name]`` with seeded random weights on ``device``: a SeeSRPipeline in ``dtype``, or
+    with ``preset``, the preset's pipeline set up by ``apply_preset`` (``dtype`` None: the preset's precision;
+    onestep: an OSEDiffPipeline whose UNet is the same UNet without RCA and without LoRA, i.e. fused LoRA's cost).
+    Returns ``(pipe, call_kwargs)``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from pipelines import SeeSRPipeline
+    from pipelines import OSEDiffPipeline, SeeSRPipeline
     from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG
+    from pipelines.presets import apply_preset
     from seesr import SeeSRControlNetModel, SeeSRUNet2DConditionModel
 
     config = CONFIGS[name]
     torch.manual_seed(seed)
-    unet = SeeSRUNet2DConditionModel(**config["unet"], use_image_cross_attention=True).eval()
-    controlnet = SeeSRControlNetModel.from_unet(unet).eval()
+    if preset == "onestep":
+        unet_config = {k: v for k, v in config["unet"].items() if k != "image_cross_attention_dim"}
+        unet = UNet2DConditionModel(**unet_config).eval()
+        controlnet = None
+    else:
+        unet = SeeSRUNet2DConditionModel(**config["unet"], use_image_cross_attention=True).eval()
+        controlnet = SeeSRControlNetModel.from_unet(unet).eval()
     levels = len(config["vae"]["block_out_channels"])
     vae = AutoencoderKL(
         **config["vae"],
@@ -150,21 +165,29 @@ def build_pipeline(name: str, device: str, dtype: torch.dtype, seed: int = 0):
     tokenizer = CLIPTokenizer(
         str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_length
     )
-    pipe = SeeSRPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(text_config).eval(),
-        tokenizer=tokenizer,
-        unet=unet,
-        controlnet=controlnet,
-        scheduler=DDPMScheduler.from_config(SD2_SCHEDULER_CONFIG),
-    )
+    components = {"vae": vae, "text_encoder": CLIPTextModel(text_config).eval(), "tokenizer": tokenizer, "unet": unet}
+    scheduler = DDPMScheduler.from_config(SD2_SCHEDULER_CONFIG)
+    if preset == "onestep":
+        pipe = OSEDiffPipeline(**components, scheduler=scheduler)
+    elif preset == "turbo":
+        turbo_scheduler = DDPMScheduler.from_config({**SD2_SCHEDULER_CONFIG, "timestep_spacing": "trailing"})
+        pipe = SeeSRPipeline(
+            **components, controlnet=controlnet, scheduler=turbo_scheduler, sampling_defaults=TURBO_DEFAULTS,
+            model_kind="seesr-turbo",
+        )  # fmt: skip
+    else:
+        pipe = SeeSRPipeline(**components, controlnet=controlnet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device, dtype)
+    pipe.to(device)
+    if preset is None:
+        return pipe.to(dtype=dtype), {}
+    return pipe, apply_preset(pipe, preset, dtype=dtype)
 
 
 def parameter_count(pipe) -> dict[str, float]:
-    models = {"unet": pipe.unet, "controlnet": pipe.controlnet, "vae": pipe.vae, "text": pipe.text_encoder}
-    return {k: sum(p.numel() for p in m.parameters()) / 1e6 for k, m in models.items()}
+    models = {"unet": pipe.unet, "controlnet": getattr(pipe, "controlnet", None), "vae": pipe.vae}
+    models["text"] = pipe.text_encoder
+    return {k: sum(p.numel() for p in m.parameters()) / 1e6 if m is not None else 0.0 for k, m in models.items()}
 
 
 def lq_image(output_size: int, seed: int = 0) -> Image.Image:
@@ -176,23 +199,20 @@ def lq_image(output_size: int, seed: int = 0) -> Image.Image:
     return Image.fromarray((image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def run_pipeline(pipe, output_size: int, steps: int, device: str, image_dim: int, **kwargs):
+def run_pipeline(pipe, output_size: int, steps: int, device: str, image_dim: int, preset_kwargs=None, **kwargs):
+    """One call at ``output_size`` px. Without ``preset_kwargs``: CFG 5.5 and the benchmark's tiling; with them (a
+    preset): the preset's settings and the pipeline's default tiling, ``steps`` steps for the multi-step presets."""
     generator = torch.Generator(device).manual_seed(0)
-    embeds = torch.randn(1, IMAGE_TOKENS, image_dim, generator=torch.Generator().manual_seed(1))
-    return pipe(
-        lq_image(output_size),
-        image_embeds=embeds,
-        upscale=UPSCALE,
-        process_size=min(512, output_size),
-        num_inference_steps=steps,
-        guidance_scale=GUIDANCE,
-        latent_tile_size=TILE,
-        latent_tile_overlap=TILE_OVERLAP,
-        vae_tile_size=VAE_TILE,
-        generator=generator,
-        output_type="pil",
-        **kwargs,
-    )
+    common = {"upscale": UPSCALE, "process_size": min(512, output_size), "generator": generator, "output_type": "pil"}
+    if preset_kwargs is None:
+        common.update(guidance_scale=GUIDANCE, latent_tile_size=TILE, latent_tile_overlap=TILE_OVERLAP)
+        common["vae_tile_size"] = VAE_TILE
+    else:
+        common.update({k: v for k, v in preset_kwargs.items() if k != "num_inference_steps"})
+    if type(pipe).__name__ == "SeeSRPipeline":
+        common["image_embeds"] = torch.randn(1, IMAGE_TOKENS, image_dim, generator=torch.Generator().manual_seed(1))
+        common["num_inference_steps"] = steps
+    return pipe(lq_image(output_size), **common, **kwargs)
 
 
 def synchronize(device: str) -> None:
@@ -361,7 +381,7 @@ def reset_cpu_peak() -> int:
     return current_peak("cpu")
 
 
-def measure_memory_in_process(pipe, config: str, size: int, args, image_dim: int) -> dict:
+def measure_memory_in_process(pipe, config: str, size: int, args, image_dim: int, preset_kwargs=None) -> dict:
     """Peak memory of one call at ``size`` px above the baseline; also which stage first reached the peak."""
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -380,12 +400,14 @@ def measure_memory_in_process(pipe, config: str, size: int, args, image_dim: int
         return tensors
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(wrapped(pipe, "encode_prompt", after=mark("pre-process + text encoder")))
-        stack.enter_context(wrapped(pipe, "prepare_latents", after=mark("vae encode (LR latent)")))
-        stack.enter_context(wrapped(pipe, "decode_latents", after=mark("vae decode")))
+        stack.enter_context(wrapped(pipe, "prepare_lq", after=mark("pre-process")))
+        stack.enter_context(wrapped(pipe, "encode_lq", before=mark("DAPE + text encoder"), after=mark("vae encode")))
+        stack.enter_context(wrapped(pipe, "decode_latents", before=mark("denoise"), after=mark("vae decode")))
         stack.enter_context(wrapped(pipe, "postprocess", after=mark("postprocess")))
         start = time.perf_counter()
-        output = run_pipeline(pipe, size, args.mem_steps, args.device, image_dim, callback_on_step_end=on_step)
+        output = run_pipeline(
+            pipe, size, args.mem_steps, args.device, image_dim, preset_kwargs, callback_on_step_end=on_step
+        )
         synchronize(args.device)
         wall = time.perf_counter() - start
     assert output.images[0].size == (size, size), output.images[0].size
@@ -397,6 +419,7 @@ def measure_memory_in_process(pipe, config: str, size: int, args, image_dim: int
         previous = max(previous, value)
     top = max(raised_by, key=lambda item: item[1])[0] if raised_by else "-"
     result = {"config": config, "size": size, "peak_mib": (peak - baseline) / 2**20, "wall": wall, "top": top}
+    result["process_peak_mib"] = peak / 2**20
     result["raised_by"] = raised_by
     result["baseline_mib"] = baseline / 2**20
     return result
@@ -404,22 +427,37 @@ def measure_memory_in_process(pipe, config: str, size: int, args, image_dim: int
 
 def memory_child(args) -> None:
     """Hidden entry point: build, warm up with a tiny call, then measure one size; print the result as JSON."""
-    config, size = args._mem_child.split(":")
-    pipe = build_pipeline(config, args.device, DTYPES[args.dtype])
+    config, size, preset = args._mem_child.split(":")
+    preset = None if preset == "-" else preset
+    pipe, preset_kwargs = build_pipeline(config, args.device, preset_dtype(args, preset), preset=preset)
     image_dim = CONFIGS[config]["unet"]["image_cross_attention_dim"]
-    run_pipeline(pipe, 64, 1, args.device, image_dim)
-    result = measure_memory_in_process(pipe, config, int(size), args, image_dim)
+    run_pipeline(pipe, 64, 1, args.device, image_dim, preset_kwargs if preset else None)
+    result = measure_memory_in_process(pipe, config, int(size), args, image_dim, preset_kwargs if preset else None)
+    result["preset"] = preset
     print(CHILD_MARK + json.dumps(result), flush=True)
 
 
-def measure_memory(pipe, config: str, args, image_dim: int) -> list[dict]:
+def preset_dtype(args, preset: str | None) -> torch.dtype | None:
+    """--dtype for plain runs; for a preset its own precision unless --dtype was given."""
+    return DTYPES[args.dtype or "float32"] if preset is None or args.dtype else None
+
+
+def measure_memory(pipe, config: str, args, image_dim: int, preset: str | None = None, kwargs=None) -> list[dict]:
     results = []
     for size in args.sizes:
         if args.device.startswith("cuda"):
-            results.append(measure_memory_in_process(pipe, config, size, args, image_dim))
+            results.append(measure_memory_in_process(pipe, config, size, args, image_dim, kwargs))
             continue
-        command = [sys.executable, __file__, "--_mem-child", f"{config}:{size}", "--device", args.device]
-        command += ["--dtype", args.dtype, "--mem-steps", str(args.mem_steps), "--threads", str(args.threads)]
+        command = [
+            sys.executable,
+            __file__,
+            "--_mem-child",
+            f"{config}:{size}:{preset or '-'}",
+            "--device",
+            args.device,
+        ]
+        command += ["--mem-steps", str(args.mem_steps), "--threads", str(args.threads)]
+        command += ["--dtype", args.dtype] if args.dtype else []
         env = dict(os.environ)
         if not args.allocator_default:  # see --allocator-default
             env.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
@@ -447,8 +485,11 @@ def header(args) -> None:
         with contextlib.suppress(OSError):
             names = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")]
             hardware = names[0].split(":", 1)[1].strip() if names else hardware
-    print("SeeSRPipeline benchmark (random weights)")
-    print(f"  device      {args.device} ({hardware}), dtype {args.dtype}, torch threads {torch.get_num_threads()}")
+    print(
+        "SeeSRPipeline benchmark (random weights)" + (f", presets {', '.join(args.presets)}" if args.presets else "")
+    )
+    dtype = args.dtype or ("each preset's" if args.presets else "float32")
+    print(f"  device      {args.device} ({hardware}), dtype {dtype}, torch threads {torch.get_num_threads()}")
     print(f"  versions    torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"transformers {transformers.__version__}, python {platform.python_version()}")  # fmt: skip
     print(f"  settings    x{UPSCALE}, CFG {GUIDANCE}, latent tiles {TILE}/{TILE_OVERLAP}, VAE tiles {VAE_TILE} px, "
@@ -478,19 +519,27 @@ def report(results: dict[str, dict], args) -> bool:
         print()
     sizes = args.sizes
     how = "torch.cuda.max_memory_allocated" if args.device.startswith("cuda") else "peak RSS, fresh process"
+    width = max(6, *(len(name) for name in results))
     print(f"Peak memory above the post-warm-up baseline (MiB; {how} per size, {args.mem_steps} steps)")
-    print(f"  {'config':<6} " + " ".join(f"{f'{s} px':>10}" for s in sizes)
+    print(f"  {'config':<{width}} " + " ".join(f"{f'{s} px':>10}" for s in sizes)
           + f" {'ratio':>8}   stage that raised the peak most, per size")  # fmt: skip
     for name, res in results.items():
         mem = {m["size"]: m for m in res["memory"]}
         ratio = mem[sizes[-1]]["peak_mib"] / max(mem[sizes[0]]["peak_mib"], 0.1)  # 0.1 MiB: below resolution
         res["ratio"] = ratio
         cells = " ".join(f"{mem[s]['peak_mib']:>10.1f}" for s in sizes)
-        print(f"  {name:<6} {cells} {ratio:>7.2f}x   " + "; ".join(f"{s}: {mem[s]['top']}" for s in sizes))
+        print(f"  {name:<{width}} {cells} {ratio:>7.2f}x   " + "; ".join(f"{s}: {mem[s]['top']}" for s in sizes))
+    if not args.device.startswith("cuda"):
+        print("Process peak RSS, weights and libraries included (MiB)")
+        for name, res in results.items():
+            mem = {m["size"]: m for m in res["memory"]}
+            ratio = mem[sizes[-1]]["process_peak_mib"] / mem[sizes[0]]["process_peak_mib"]
+            cells = " ".join(f"{mem[s]['process_peak_mib']:>10.1f}" for s in sizes)
+            print(f"  {name:<{width}} {cells} {ratio:>7.2f}x")
     for name, res in results.items():
         for m in res["memory"]:
             steps = ", ".join(f"{label} +{mib:.1f}" for label, mib in m["raised_by"])
-            print(f"  {name:<6} {m['size']} px, stages that raised the peak (MiB): {steps}")
+            print(f"  {name:<{width}} {m['size']} px, stages that raised the peak (MiB): {steps}")
     if not args.device.startswith("cuda"):
         base = ", ".join(f"{n} {res['memory'][0].get('baseline_mib', 0):.0f}" for n, res in results.items())
         print(f"  (baseline: resident set after build + warm-up, MiB: {base})")
@@ -518,7 +567,13 @@ def report(results: dict[str, dict], args) -> bool:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default float32; presets: their own")
+    parser.add_argument(
+        "--presets",
+        default=None,
+        help=f"comma list from {', '.join(PRESETS)}: memory runs of each preset's pipeline and settings "
+        "(apply_preset; onestep = OSEDiffPipeline, turbo = SeeSR-Turbo's scheduler and defaults); no timed call",
+    )
     parser.add_argument("--steps", type=int, default=3, help="denoising steps of the timed call")
     parser.add_argument("--speed-size", type=int, default=512, help="output size (px) of the timed call")
     parser.add_argument(
@@ -544,6 +599,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes = [int(s) for s in (args.sizes or ("512,1024" if cpu else "512,1024,2048")).split(",")]
     args.mem_steps = args.mem_steps or (1 if cpu else 2)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    args.presets = [p.strip() for p in args.presets.split(",") if p.strip()] if args.presets else []
+    if set(args.presets) - set(PRESETS):
+        parser.error(f"--presets: unknown {sorted(set(args.presets) - set(PRESETS))}, choose from {list(PRESETS)}")
     unknown = [c for c in args.configs if c not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}, choose from {list(CONFIGS)}")
@@ -567,16 +625,19 @@ def main(argv: list[str] | None = None) -> None:
     header(args)
     results = {}
     for name in args.configs:
-        start = time.perf_counter()
-        pipe = build_pipeline(name, args.device, DTYPES[args.dtype])
-        image_dim = CONFIGS[name]["unet"]["image_cross_attention_dim"]
-        speed = None if args.memory_only else measure_speed(pipe, args, image_dim, args.speed_size)
-        if args.device.startswith("cuda"):
-            run_pipeline(pipe, 64, 1, args.device, image_dim)  # the same tiny warm-up as the CPU children
-        memory = measure_memory(pipe, name, args, image_dim)
-        results[name] = {"speed": speed, "memory": memory, "params": parameter_count(pipe)}
-        del pipe
-        print(f"  [{name} measured in {time.perf_counter() - start:.0f} s]", flush=True)
+        for preset in args.presets or [None]:
+            start = time.perf_counter()
+            label = name if preset is None else f"{name} {preset}"
+            pipe, kwargs = build_pipeline(name, args.device, preset_dtype(args, preset), preset=preset)
+            image_dim = CONFIGS[name]["unet"]["image_cross_attention_dim"]
+            timed = not args.memory_only and preset is None  # the timed call: plain SeeSR runs only
+            speed = measure_speed(pipe, args, image_dim, args.speed_size) if timed else None
+            if args.device.startswith("cuda"):  # the same tiny warm-up as the CPU children
+                run_pipeline(pipe, 64, 1, args.device, image_dim, kwargs if preset else None)
+            memory = measure_memory(pipe, name, args, image_dim, preset, kwargs if preset else None)
+            results[label] = {"speed": speed, "memory": memory, "params": parameter_count(pipe)}
+            del pipe
+            print(f"  [{label} measured in {time.perf_counter() - start:.0f} s]", flush=True)
     ok = report(results, args)
     if args.strict and not ok:
         sys.exit(1)
