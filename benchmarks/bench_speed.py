@@ -1,7 +1,7 @@
 """Speed table of the presets (quality, fast, turbo, onestep) at full SD-2 size on random weights.
 
-512x512 output from a 128 px input; every preset end to end through ``SeeSRPipeline`` (onestep: the OSEDiff
-computation, see below) with the time per stage (DAPE, text encoder, VAE encode, denoiser = ControlNet + UNet,
+512x512 output from a 128 px input; every preset end to end through its pipeline (``SeeSRPipeline``; onestep:
+``OSEDiffPipeline``) with the time per stage (DAPE, text encoder, VAE encode, denoiser = ControlNet + UNet,
 VAE decode; timed with forward pre/post hooks) and the peak resident memory of each run (VmHWM, reset before each
 run through /proc/self/clear_refs; it includes the weights). Ratios are against the quality preset measured in the
 same run. Quality (DDPM 50 steps, CFG, fp32) is **extrapolated**: its fixed costs and ``--quality-steps`` denoising
@@ -12,9 +12,10 @@ table says which rows are extrapolated. Turbo and onestep run all their steps.
 Models (random weights, built on the meta device and filled in place, so nothing is initialised twice): the
 SeeSR UNet (SD-2 base + RCA, 1126.8 M parameters), the SeeSR ControlNet (489.0 M), the SD VAE (83.7 M), the
 OpenCLIP-H text encoder (340 M) and DAPE (Swin-L RAM + tagging head, 4585 tags). SeeSR-Turbo has the same
-shapes (its UNet is SD-Turbo's, i.e. SD-2.1 base's, plus RCA). onestep = OSEDiff: DAPE tags, one text encoding,
-VAE encode, one UNet call without ControlNet / RCA (LoRA fused: stock cost) at t=999, x0, VAE decode.
-``--onestep-pipeline`` runs ``OSEDiffPipeline`` instead when it is importable.
+shapes (its UNet is SD-Turbo's, i.e. SD-2.1 base's, plus RCA). onestep = ``OSEDiffPipeline`` with a stock SD-2
+``UNet2DConditionModel`` (OSEDiff's LoRA fused: the stock UNet's cost) that shares its weights with the SeeSR UNet's
+SD part (no second copy in memory), and the same VAE, text encoder and DAPE: DAPE tags of the upscaled input, one
+text encoding, VAE encode (posterior sample), one UNet call at t=999, x0, VAE decode, AdaIN colour fix.
 
 Usage (about 10-15 minutes and 10 GB on two CPU cores):
 
@@ -29,6 +30,7 @@ import argparse
 import contextlib
 import ctypes
 import gc
+import inspect
 import json
 import logging
 import statistics
@@ -46,32 +48,36 @@ if str(REPO) not in sys.path:
 TOKENIZER_DIR = REPO / "tests" / "fixtures" / "tiny_clip_tokenizer"  # a real CLIP BPE vocabulary (524 tokens)
 OUTPUT, UPSCALE = 512, 4
 
-SD2 = {
-    "unet": {
-        "block_out_channels": (320, 640, 1280, 1280),
-        "attention_head_dim": (5, 10, 20, 20),
-        "cross_attention_dim": 1024,
-        "use_linear_projection": True,
-        "sample_size": 64,
-    },
-    "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "norm_num_groups": 32},
-    "text": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16, "num_hidden_layers": 23},
-    "dape": {},  # DAPEModel's defaults are the release's (Swin-L @ 384)
-    "tags": 4585,
-}
-MID = {  # SD-2's block types at small widths, for checking the script in a minute
-    "unet": {
-        "block_out_channels": (64, 128, 256, 256),
-        "attention_head_dim": (2, 4, 8, 8),
-        "cross_attention_dim": 64,
-        "use_linear_projection": True,
-        "sample_size": 64,
-    },
-    "vae": {"block_out_channels": (32, 64, 64, 64), "layers_per_block": 1, "norm_num_groups": 32},
-    "text": {"hidden_size": 64, "intermediate_size": 256, "num_attention_heads": 4, "num_hidden_layers": 4},
-    "dape": {"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (2, 2, 4, 4), "tagging_hidden_size": 64},
-    "tags": 100,
-}
+
+def _config(channels: tuple, heads: tuple, cross: int, vae: tuple, vae_layers: int, text: tuple, **extra) -> dict:
+    """Model shapes: UNet block widths / attention heads / cross-attention width, VAE block widths / layers per
+    block, text encoder (hidden, intermediate, heads, layers); ``extra``: ``dape`` overrides and ``tags``."""
+    hidden, intermediate, text_heads, layers = text
+    return {
+        "unet": {
+            "block_out_channels": channels,
+            "attention_head_dim": heads,
+            "cross_attention_dim": cross,
+            "use_linear_projection": True,
+            "sample_size": 64,
+        },
+        "vae": {"block_out_channels": vae, "layers_per_block": vae_layers, "norm_num_groups": 32},
+        "text": {
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "num_attention_heads": text_heads,
+            "num_hidden_layers": layers,
+        },
+        **extra,
+    }
+
+
+#: SD-2 base + SeeSR RCA, SD VAE, OpenCLIP-H; DAPEModel's defaults are the release's (Swin-L @ 384), 4585 tags.
+SD2 = _config((320, 640, 1280, 1280), (5, 10, 20, 20), 1024, (128, 256, 512, 512), 2, (1024, 4096, 16, 23),
+              dape={}, tags=4585)  # fmt: skip
+#: SD-2's block types at small widths, for checking the script in a minute.
+MID_DAPE = {"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (2, 2, 4, 4), "tagging_hidden_size": 64}
+MID = _config((64, 128, 256, 256), (2, 4, 8, 8), 64, (32, 64, 64, 64), 1, (64, 256, 4, 4), dape=MID_DAPE, tags=100)
 CONFIGS = {"sd2": SD2, "mid": MID}
 STAGES = ("dape", "text_encoder", "vae_encode", "denoiser", "vae_decode")
 
@@ -167,7 +173,7 @@ class StageTimer:
             "dape": [pipe.prompt_extractor],
             "text_encoder": [pipe.text_encoder],
             "vae_encode": [pipe.vae.encoder],
-            "denoiser": [pipe.controlnet, pipe.unet],
+            "denoiser": [m for m in (getattr(pipe, "controlnet", None), pipe.unet) if m is not None],
             "vae_decode": [pipe.vae.decoder],
         }
         for stage, items in modules.items():
@@ -260,22 +266,40 @@ def run_seesr(pipe, steps: int, guidance: float, **kwargs):
     )
 
 
-@torch.no_grad()
-def run_onestep(pipe, dtype: torch.dtype):
-    """OSEDiff's computation on these shapes: DAPE tags of the upscaled input, one text encoding, VAE encode, one
-    UNet call (no ControlNet, no RCA: a stock SD UNet's cost, LoRA fused) at t=999, x0, VAE decode."""
-    from pipelines.pipeline_seesr import preprocess_lq
-    from seesr.conditioning import compose_prompt, dape_condition, encode_prompt
+def onestep_pipeline(pipe):
+    """An ``OSEDiffPipeline`` on ``pipe``'s VAE, text encoder, tokenizer and DAPE, with a stock SD-2 UNet whose
+    parameters are the SeeSR UNet's SD parameters themselves (shared Parameter objects: no copy, and a dtype change
+    of one is a change of both)."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    lq, _ = preprocess_lq(lq_image(), UPSCALE, OUTPUT)
-    tags, _ = dape_condition(pipe.prompt_extractor, [lq])
-    text = encode_prompt(pipe.tokenizer, pipe.text_encoder, [compose_prompt(tags[0], "", "")]).to(dtype)
-    latents = pipe.vae.encode(lq[None].to(dtype) * 2 - 1).latent_dist.sample() * pipe.vae.config.scaling_factor
-    eps = pipe.unet(latents, torch.tensor(999), text, return_dict=False)[0]
-    alpha = pipe.scheduler.alphas_cumprod[999]
-    x0 = (latents - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-    image = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor, return_dict=False)[0]
-    return image.float().clamp(-1, 1)
+    from pipelines import OSEDiffPipeline
+    from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG
+
+    accepted = inspect.signature(UNet2DConditionModel.__init__).parameters
+    config = {k: v for k, v in pipe.unet.config.items() if k in accepted}
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    stock_keys = set(unet.state_dict())
+    shared = {k: v for k, v in pipe.unet.state_dict(keep_vars=True).items() if k in stock_keys}
+    if set(shared) != stock_keys:
+        raise RuntimeError(f"onestep UNet: SeeSR UNet lacks {sorted(stock_keys - set(shared))[:5]}")
+    unet.load_state_dict(shared, assign=True)
+    one = OSEDiffPipeline(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=unet.eval(),
+        scheduler=DDPMScheduler.from_config(SD2_SCHEDULER_CONFIG),
+        prompt_extractor=pipe.prompt_extractor,
+    )
+    one.set_progress_bar_config(disable=True)
+    return one
+
+
+def run_onestep(pipe):
+    return pipe(
+        lq_image(), upscale=UPSCALE, process_size=OUTPUT, generator=torch.Generator().manual_seed(0), output_type="np"
+    )
 
 
 def to_dtype(pipe, dtype: torch.dtype) -> None:
@@ -431,9 +455,9 @@ def main(argv: list[str] | None = None) -> int:
             pipe.scheduler = DDPMScheduler.from_config({**ddpm.config, "timestep_spacing": "trailing"})
             results.append(measure(name, pipe, lambda: run_seesr(pipe, 2, 1.0, latent_tile_overlap=32), 2, 2))
         elif name in ("onestep", "onestep-bf16"):
-            dtype = torch.bfloat16 if name.endswith("bf16") else torch.float32
-            to_dtype(pipe, dtype)
-            results.append(measure(name, pipe, lambda dtype=dtype: run_onestep(pipe, dtype), 1, 1))
+            to_dtype(pipe, torch.bfloat16 if name.endswith("bf16") else torch.float32)
+            one = onestep_pipeline(pipe)
+            results.append(measure(name, one, lambda one=one: run_onestep(one), 1, 1))
         elif name == "fast":
             to_dtype(pipe, torch.bfloat16)
             pipe.scheduler = make_scheduler("dpm", ddpm.config)
