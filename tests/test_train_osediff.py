@@ -3,18 +3,16 @@ moves, exact resume, the export (osediff.pkl + pipeline folder) and a two-proces
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_training import write_dape_folder, write_images, write_lq_image, write_sd2_folder
+from trainer_cases import assert_config_error, launch_two_processes, only_checkpoint, tiny_run_overrides
 
 from seesr.data.image_folder import ImageFolderDataset, collate
-from seesr.training.config import ConfigError, load_config
+from seesr.training.config import load_config
 from seesr.training.loop import list_checkpoints
 from seesr.training.osediff import (
     OSEDiffTrainConfig,
@@ -28,7 +26,6 @@ from seesr.training.osediff import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "osediff.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +45,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def overrides(inputs: dict[str, Path], out: Path, steps: int = 2, lpips: bool = False, **extra) -> list[str]:
-    items = {
-        "pretrained_model": inputs["sd"],
-        "dape_model": inputs["dape"],
-        "data.train_data": inputs["hr"],
-        "data.resolution": 32,
-        "loss.lambda_lpips": 2.0 if lpips else 0.0,
-        "loss.lpips_weights": f"[{inputs['lpips']}]" if lpips else "[]",
-        "train.output_dir": out,
-        "train.max_train_steps": steps,
-        "train.train_batch_size": 2,
-        "train.mixed_precision": "'no'",
-        "train.report_to": "none",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in items.items()]
+    lpips_items = {"loss.lambda_lpips": 2.0 if lpips else 0.0,
+                   "loss.lpips_weights": f"[{inputs['lpips']}]" if lpips else "[]"}  # fmt: skip
+    return tiny_run_overrides(inputs, out, steps, **lpips_items, **extra)
 
 
 def tiny_config(inputs, out, **extra) -> OSEDiffTrainConfig:
@@ -100,8 +85,7 @@ def test_config_defaults_are_the_originals():
     ],
 )
 def test_config_errors_at_load_time(items, match):
-    with pytest.raises((ValueError, ConfigError), match=match):
-        load_config(OSEDiffTrainConfig, CONFIG, items)
+    assert_config_error(OSEDiffTrainConfig, CONFIG, items, match)
 
 
 # ------------------------------------------------------------------------------------------------ VSD
@@ -301,17 +285,9 @@ def test_two_processes_train_and_checkpoint(inputs, tmp_path):
     """Two CPU processes (gloo) under `accelerate launch --multi_gpu`: DDP over both trained modules without
     find_unused_parameters, every rank saving its RNG state."""
     out = tmp_path / "ddp"
-    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     extra = {"train.checkpointing_steps": 1, "train.checkpoints_total_limit": 1, "train.train_batch_size": 1,
              "train.gradient_checkpointing": "true"}  # fmt: skip
-    script = [str(ROOT / "train_osediff.py"), "--config", str(CONFIG), *overrides(inputs, out, 2, **extra)]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command = [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr
-    assert [s for s, _ in list_checkpoints(out)] == [2] and not list(out.glob("*.partial"))
-    checkpoint = out / "checkpoint-2"
-    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    args = ["--config", str(CONFIG), *overrides(inputs, out, 2, **extra)]
+    checkpoint = only_checkpoint(launch_two_processes("train_osediff.py", args, tmp_path), out, 2)
     assert {p.name for p in checkpoint.iterdir()} >= {"generator.safetensors", "fake_score.safetensors"}
     assert (out / "osediff.pkl").is_file()
