@@ -82,6 +82,8 @@ def test_config_defaults_are_the_originals():
         (["degradation.resize_lq_to_gt=false"], "degradation.resize_lq_to_gt must be true"),
         (["pretrained_model="], "pretrained_model: expected a Stable Diffusion 2 folder"),
         (["loss.cfg=1"], "loss.cfg: unknown key"),
+        (["timestep=250"], "timestep=250 needs export_pkl=false"),
+        (["timestep=1000", "export_pkl=false"], r"timestep: expected an int in \[0, 1000\)"),
     ],
 )
 def test_config_errors_at_load_time(items, match):
@@ -195,6 +197,33 @@ def test_seesr_teacher_is_the_real_score(inputs, tmp_path, monkeypatch):
     cond = seen["cond"]
     assert seen["latents"][0] == 4 and cond.prompt_embeds.shape[0] == 4  # CFG halves of a batch of 2
     assert torch.equal(cond.control_image, batch["lq01"]) and cond.image_embeds.shape[0] == 2
+
+
+def test_the_generator_timestep_is_the_exported_pipelines(inputs, tmp_path):
+    """timestep=250: the generator runs the UNet at t=250 and its x0 uses abar_250; the pipeline built for export
+    stores it in model_index.json, reloads with it and computes the same x0 as the generator (999 would not)."""
+    from PIL import Image
+
+    from pipelines import OSEDiffPipeline
+    from seesr.training.osediff import build_pipeline
+
+    cfg = tiny_config(inputs, tmp_path, timestep=250, export_pkl="false")
+    parts = setup_training(cfg, "cpu", torch.float32)
+    generator_model = parts.generator.eval()
+    assert generator_model.timestep == 250
+    build_pipeline(parts, generator_model.unet, generator_model.vae).save_pretrained(tmp_path / "pipe")
+    pipe = OSEDiffPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.config.timestep == 250
+    image = Image.open(inputs["lq"])
+    lq, _ = pipe.prepare_lq([image], 4, 32)
+    embeds = pipe.encode_prompt(pipe.build_prompts(lq, [""]))
+    with torch.no_grad():
+        _, expected = generator_model(lq * 2 - 1, embeds, torch.Generator().manual_seed(0))
+    call = dict(image=image, process_size=32, output_type="latent")
+    latents = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+    pipe.register_to_config(timestep=999)
+    assert not torch.allclose(pipe(**call, generator=torch.Generator().manual_seed(0)).images, expected, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ full runs

@@ -87,6 +87,7 @@ class OSEDiffTrainConfig:
     train: TrainingArgs = field(default_factory=TrainingArgs)
     export_dir: str | None = None
     export_pkl: bool = True
+    timestep: int = 999
 
     def __post_init__(self) -> None:
         if not self.pretrained_model:
@@ -97,6 +98,11 @@ class OSEDiffTrainConfig:
             raise ValueError("teacher_model: only used with teacher=seesr (teacher=sd uses pretrained_model's UNet)")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank: expected an int >= 1, got {self.lora_rank!r}")
+        if not 0 <= self.timestep < 1000:
+            raise ValueError(f"timestep: expected an int in [0, 1000), got {self.timestep!r}")
+        if self.export_pkl and self.timestep != 999:
+            raise ValueError(f"timestep={self.timestep} needs export_pkl=false: the released osediff.pkl layout has "
+                             "no timestep (the original always runs t=999); the pipeline folder keeps it")  # fmt: skip
         if not 0 <= self.null_text_ratio <= 1:
             raise ValueError(f"null_text_ratio: expected a float in [0, 1], got {self.null_text_ratio!r}")
         if not self.degradation.resize_lq_to_gt:
@@ -112,20 +118,20 @@ class OSEDiffTrainConfig:
 class OneStepGenerator(nn.Module):
     """OSEDiff's generator: ``lq`` in [-1, 1] -> (image in [-1, 1], x0 latents). ``unet`` / ``vae`` carry the LoRA."""
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: torch.Tensor):
+    def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: torch.Tensor, timestep: int = 999):
         super().__init__()
-        self.unet, self.vae = unet, vae
+        self.unet, self.vae, self.timestep = unet, vae, timestep
         # a plain attribute, not a buffer: `.to(dtype=fp16)` must not round the alpha-bar (float32, as the original)
         self.alphas_cumprod = alphas_cumprod.float().clone()
 
     def forward(self, lq: torch.Tensor, prompt_embeds: torch.Tensor, generator: torch.Generator | None = None):
-        from seesr.models.onestep import ONESTEP_TIMESTEP, onestep_x0
+        from seesr.models.onestep import onestep_x0
 
         scaling = self.vae.config.scaling_factor
         posterior = self.vae.encode(lq.to(self.vae.dtype)).latent_dist
         lq_latents = posterior.sample(generator=generator) * scaling
-        noise_pred = self.unet(lq_latents, ONESTEP_TIMESTEP, encoder_hidden_states=prompt_embeds).sample
-        latents = onestep_x0(lq_latents, noise_pred, self.alphas_cumprod)
+        noise_pred = self.unet(lq_latents, self.timestep, encoder_hidden_states=prompt_embeds).sample
+        latents = onestep_x0(lq_latents, noise_pred, self.alphas_cumprod, self.timestep)
         image = self.vae.decode((latents / scaling).to(self.vae.dtype)).sample.clamp(-1, 1)
         return image, latents
 
@@ -226,7 +232,7 @@ def setup_training(cfg: OSEDiffTrainConfig, device: torch.device | str, weight_d
         names = set(trainable_parameter_names(model))
         for name, param in model.named_parameters():
             param.requires_grad_(name in names)
-    generator = OneStepGenerator(unet, vae, scheduler.alphas_cumprod)
+    generator = OneStepGenerator(unet, vae, scheduler.alphas_cumprod, cfg.timestep)
     fake_score = real_score = None
     if cfg.loss.lambda_vsd > 0:
         fake_unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
@@ -427,6 +433,7 @@ def build_pipeline(parts: OSEDiffParts, unet, vae):
         tokenizer=parts.tokenizer,
         scheduler=DDPMScheduler.from_config(parts.scheduler.config),
         prompt_extractor=parts.dape,
+        timestep=parts.generator.timestep,
     )
 
 
@@ -463,6 +470,7 @@ def export_models(cfg: OSEDiffTrainConfig, parts: OSEDiffParts, generator_model:
         unet,
         DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
         prompt_extractor=copy.deepcopy(parts.dape).float() if parts.dape is not None else None,
+        timestep=cfg.timestep,
     )
     pipeline_dir = export_dir / "pipeline"
     pipeline_dir.parent.mkdir(parents=True, exist_ok=True)
