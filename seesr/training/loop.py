@@ -638,8 +638,8 @@ class TrainingJob:
     - ``description``: a short log line of what is trained (e.g. parameter counts), logged with the start step.
     - ``phases``: further `LossPhase` groups (own optimizer, schedule, loss), stepped after ``loss`` in order on
       every micro-batch. Their optimizers and schedules are prepared after the job's own and checkpointed as
-      ``optimizer_1.bin``, ``scheduler_1.bin``, ... Logs hold every scalar term of every phase; non-scalar entries
-      (handed on to later phases) are not logged.
+      ``optimizer_1.bin``, ``scheduler_1.bin``, ... Logs hold every scalar term (number or 0-dim tensor) of every
+      phase; other entries (tensors handed on to later phases) are not logged.
     """
 
     models: Mapping[str, torch.nn.Module]
@@ -697,7 +697,7 @@ def run_training(accelerator: Accelerator, args: TrainingArgs, job: TrainingJob)
             continue
         step += 1
         generator = None
-        logs = {k: v for k, v in terms.items() if not torch.is_tensor(v) or v.ndim == 0}
+        logs = {k: v for k, v in terms.items() if isinstance(v, (int, float)) or torch.is_tensor(v) and v.ndim == 0}
         finish_step(accelerator, args, step, logs, phases[0][4], progress, [key for _, key, *_ in phases])
         due = job.validation_steps and (step % job.validation_steps == 0 or step == args.max_train_steps)
         if job.validate is not None and due:
