@@ -81,6 +81,8 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
     (DDPM with the SD2 config: only its ``alphas_cumprod`` is used) and the optional ``prompt_extractor``
     (:class:`~dape.DAPEModel`). The LoRA is either kept as peft adapters (saved next to the base weights, see
     :mod:`seesr.models.onestep`) or fused; ``fuse_lora=True`` (also as a ``from_pretrained`` argument) fuses it.
+    ``timestep`` (saved in ``model_index.json``) is the UNet's timestep of the one step: 999 as OSEDiff (the default,
+    also for folders without the key); a model trained with another (``train_osediff.py``'s ``timestep``) keeps it.
     """
 
     model_cpu_offload_seq = "prompt_extractor->text_encoder->unet->vae"
@@ -100,6 +102,7 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
         scheduler: SchedulerMixin,
         prompt_extractor: torch.nn.Module | None = None,
         fuse_lora: bool = False,
+        timestep: int = ONESTEP_TIMESTEP,
     ):
         super().__init__()
         for name, module, cls in (("unet", unet, UNet2DConditionModel), ("vae", vae, AutoencoderKL)):
@@ -107,6 +110,8 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
                 raise TypeError(f"{name} must be a {cls.__name__}, got {type(module).__name__}")
         if not hasattr(scheduler, "alphas_cumprod"):
             raise TypeError(f"scheduler must be a DDPM-family scheduler with alphas_cumprod, got {type(scheduler)}")
+        if not (isinstance(timestep, int) and 0 <= timestep < len(scheduler.alphas_cumprod)):
+            raise ValueError(f"timestep: expected an int in [0, {len(scheduler.alphas_cumprod)}), got {timestep!r}")
         # Adapter-aware saving: the one-step classes carry their LoRA in saved folders (no state is added).
         unet, vae = as_onestep_model(unet), as_onestep_model(vae)
         self.register_modules(
@@ -117,6 +122,7 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
             scheduler=scheduler,
             prompt_extractor=prompt_extractor,
         )
+        self.register_to_config(timestep=timestep)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if fuse_lora:
             self.fuse_lora()
@@ -165,8 +171,8 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
     def predict_noise(
         self, latents: torch.Tensor, embeds: torch.Tensor, tile_size: int | None, tile_overlap: int, progress
     ) -> torch.Tensor:
-        """The UNet's noise prediction at t=999, tiled with Gaussian blending when the latent is large."""
-        timestep = torch.tensor([ONESTEP_TIMESTEP], device=latents.device)
+        """The UNet's noise prediction at ``config.timestep`` (999 by default), tiled and blended when large."""
+        timestep = torch.tensor([self.config.timestep], device=latents.device)
 
         def predict(tile: torch.Tensor, region: tuple | None = None) -> torch.Tensor:
             noise_pred = self.unet(tile, timestep, encoder_hidden_states=embeds, return_dict=False)[0]
@@ -283,9 +289,9 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
         ) else 1  # fmt: skip
         with self.progress_bar(total=num_tiles) as progress:
             noise_pred = self.predict_noise(latents, embeds, latent_tile_size, latent_tile_overlap, progress)
-        latents = onestep_x0(latents, noise_pred, self.scheduler.alphas_cumprod)
+        latents = onestep_x0(latents, noise_pred, self.scheduler.alphas_cumprod, self.config.timestep)
         if callback_on_step_end is not None:
-            outputs = callback_on_step_end(self, 0, torch.tensor(ONESTEP_TIMESTEP), {"latents": latents})
+            outputs = callback_on_step_end(self, 0, torch.tensor(self.config.timestep), {"latents": latents})
             latents = outputs.pop("latents", latents)
 
         # 4. Decode, colour-fix, size.

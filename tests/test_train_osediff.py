@@ -3,18 +3,16 @@ moves, exact resume, the export (osediff.pkl + pipeline folder) and a two-proces
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_training import write_dape_folder, write_images, write_lq_image, write_sd2_folder
+from trainer_cases import assert_config_error, launch_two_processes, only_checkpoint, tiny_run_overrides
 
 from seesr.data.image_folder import ImageFolderDataset, collate
-from seesr.training.config import ConfigError, load_config
+from seesr.training.config import load_config
 from seesr.training.loop import list_checkpoints
 from seesr.training.osediff import (
     OSEDiffTrainConfig,
@@ -28,7 +26,6 @@ from seesr.training.osediff import (
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "osediff.yaml"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
 
 
 @pytest.fixture(scope="module")
@@ -48,21 +45,9 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 
 def overrides(inputs: dict[str, Path], out: Path, steps: int = 2, lpips: bool = False, **extra) -> list[str]:
-    items = {
-        "pretrained_model": inputs["sd"],
-        "dape_model": inputs["dape"],
-        "data.train_data": inputs["hr"],
-        "data.resolution": 32,
-        "loss.lambda_lpips": 2.0 if lpips else 0.0,
-        "loss.lpips_weights": f"[{inputs['lpips']}]" if lpips else "[]",
-        "train.output_dir": out,
-        "train.max_train_steps": steps,
-        "train.train_batch_size": 2,
-        "train.mixed_precision": "'no'",
-        "train.report_to": "none",
-        **extra,
-    }
-    return [f"{k}={v}" for k, v in items.items()]
+    lpips_items = {"loss.lambda_lpips": 2.0 if lpips else 0.0,
+                   "loss.lpips_weights": f"[{inputs['lpips']}]" if lpips else "[]"}  # fmt: skip
+    return tiny_run_overrides(inputs, out, steps, **lpips_items, **extra)
 
 
 def tiny_config(inputs, out, **extra) -> OSEDiffTrainConfig:
@@ -97,11 +82,12 @@ def test_config_defaults_are_the_originals():
         (["degradation.resize_lq_to_gt=false"], "degradation.resize_lq_to_gt must be true"),
         (["pretrained_model="], "pretrained_model: expected a Stable Diffusion 2 folder"),
         (["loss.cfg=1"], "loss.cfg: unknown key"),
+        (["timestep=250"], "timestep=250 needs export_pkl=false"),
+        (["timestep=1000", "export_pkl=false"], r"timestep: expected an int in \[0, 1000\)"),
     ],
 )
 def test_config_errors_at_load_time(items, match):
-    with pytest.raises((ValueError, ConfigError), match=match):
-        load_config(OSEDiffTrainConfig, CONFIG, items)
+    assert_config_error(OSEDiffTrainConfig, CONFIG, items, match)
 
 
 # ------------------------------------------------------------------------------------------------ VSD
@@ -213,6 +199,33 @@ def test_seesr_teacher_is_the_real_score(inputs, tmp_path, monkeypatch):
     assert torch.equal(cond.control_image, batch["lq01"]) and cond.image_embeds.shape[0] == 2
 
 
+def test_the_generator_timestep_is_the_exported_pipelines(inputs, tmp_path):
+    """timestep=250: the generator runs the UNet at t=250 and its x0 uses abar_250; the pipeline built for export
+    stores it in model_index.json, reloads with it and computes the same x0 as the generator (999 would not)."""
+    from PIL import Image
+
+    from pipelines import OSEDiffPipeline
+    from seesr.training.osediff import build_pipeline
+
+    cfg = tiny_config(inputs, tmp_path, timestep=250, export_pkl="false")
+    parts = setup_training(cfg, "cpu", torch.float32)
+    generator_model = parts.generator.eval()
+    assert generator_model.timestep == 250
+    build_pipeline(parts, generator_model.unet, generator_model.vae).save_pretrained(tmp_path / "pipe")
+    pipe = OSEDiffPipeline.from_pretrained(tmp_path / "pipe")
+    assert pipe.config.timestep == 250
+    image = Image.open(inputs["lq"])
+    lq, _ = pipe.prepare_lq([image], 4, 32)
+    embeds = pipe.encode_prompt(pipe.build_prompts(lq, [""]))
+    with torch.no_grad():
+        _, expected = generator_model(lq * 2 - 1, embeds, torch.Generator().manual_seed(0))
+    call = dict(image=image, process_size=32, output_type="latent")
+    latents = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    torch.testing.assert_close(latents, expected, rtol=1e-5, atol=1e-5)
+    pipe.register_to_config(timestep=999)
+    assert not torch.allclose(pipe(**call, generator=torch.Generator().manual_seed(0)).images, expected, atol=1e-3)
+
+
 # ------------------------------------------------------------------------------------------------ full runs
 
 
@@ -301,17 +314,9 @@ def test_two_processes_train_and_checkpoint(inputs, tmp_path):
     """Two CPU processes (gloo) under `accelerate launch --multi_gpu`: DDP over both trained modules without
     find_unused_parameters, every rank saving its RNG state."""
     out = tmp_path / "ddp"
-    env = {**ENV, "ACCELERATE_USE_CPU": "true"}
     extra = {"train.checkpointing_steps": 1, "train.checkpoints_total_limit": 1, "train.train_batch_size": 1,
              "train.gradient_checkpointing": "true"}  # fmt: skip
-    script = [str(ROOT / "train_osediff.py"), "--config", str(CONFIG), *overrides(inputs, out, 2, **extra)]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    command = [*launch, "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *script]
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stderr
-    assert [s for s, _ in list_checkpoints(out)] == [2] and not list(out.glob("*.partial"))
-    checkpoint = out / "checkpoint-2"
-    assert (checkpoint / "random_states_0.pkl").is_file() and (checkpoint / "random_states_1.pkl").is_file()
+    args = ["--config", str(CONFIG), *overrides(inputs, out, 2, **extra)]
+    checkpoint = only_checkpoint(launch_two_processes("train_osediff.py", args, tmp_path), out, 2)
     assert {p.name for p in checkpoint.iterdir()} >= {"generator.safetensors", "fake_score.safetensors"}
     assert (out / "osediff.pkl").is_file()

@@ -39,17 +39,15 @@ def original_unet_lists(unet) -> tuple[list[str], list[str], list[str]]:
 
 
 def original_vae_list(vae) -> list[str]:
-    """``initialize_vae``'s list, re-stated (duplicates included)."""
-    targets = []
-    for n, _ in vae.named_parameters():
-        if "bias" in n or "norm" in n:
-            continue
-        for pattern in VAE_GREP:
-            if pattern in n and "encoder" in n:
-                targets.append(n.replace(".weight", ""))
-            elif "quant_conv" in n and "post_quant_conv" not in n:
-                targets.append(n.replace(".weight", ""))
-    return targets
+    """``initialize_vae``'s list, re-stated (duplicates included): per weight, one entry per pattern that fits."""
+    weights = [n for n, _ in vae.named_parameters() if "bias" not in n and "norm" not in n]
+    quant = [n for n in weights if "quant_conv" in n and "post_quant_conv" not in n]
+    return [
+        n.replace(".weight", "")
+        for n in weights
+        for pattern in VAE_GREP
+        if n in quant or (pattern in n and "encoder" in n)
+    ]
 
 
 def _original_adapters(unet, vae, rank: int, lists) -> None:

@@ -26,55 +26,37 @@ from seesr.data.degradation import DegradationConfig, degraded_condition
 from seesr.denoise import predict_noise
 from seesr.models.rca import RCA_MODULE_NAME
 from seesr.training.config import config_from_cli
-from seesr.training.loop import TrainingArgs, TrainingJob, run_training, shuffled_loader, start_training
+from seesr.training.loop import (
+    DataConfig,
+    TrainingArgs,
+    TrainingJob,
+    ValidationArgs,
+    run_training,
+    shuffled_loader,
+    start_training,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
 logger = logging.getLogger(__name__)
 
-VAE_SCALE = 8  # Stable Diffusion's VAE downsampling; the real value is checked against the VAE when it loads
-
 
 # ---------------------------------------------------------------------------------------------------- config
 
 
 @dataclass
-class DataConfig:
-    """HR training images (random square crops); tags are read from ``NAME.txt`` files when present."""
+class ValidationConfig(ValidationArgs):
+    """`ValidationArgs` (images, steps, seed) plus the SeeSRPipeline's sampling settings for them."""
 
-    train_data: str = ""
-    tags_dir: str | None = None
-    resolution: int = 512
-    random_flip: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.train_data:
-            raise ValueError("data.train_data: expected a folder or list file of HR images, got ''")
-        if self.resolution < 8 or self.resolution % VAE_SCALE:
-            raise ValueError(f"data.resolution: expected a multiple of {VAE_SCALE} >= 8, got {self.resolution!r}")
-        if self.tags_dir is not None and not Path(self.tags_dir).is_dir():
-            raise ValueError(f"data.tags_dir: {self.tags_dir!r} is not a folder")
-
-
-@dataclass
-class ValidationConfig:
-    """LQ images super-resolved by the real SeeSRPipeline every ``steps`` optimizer steps (none: no validation)."""
-
-    images: list[str] = field(default_factory=list)
-    steps: int = 500
     num_inference_steps: int = 50
     guidance_scale: float = 5.5
     process_size: int = 512
-    seed: int = 0
 
     def __post_init__(self) -> None:
-        missing = [p for p in self.images if not Path(p).is_file()]
-        if missing:
-            raise ValueError(f"validation.images: no such file(s) {missing}")
-        for name in ("steps", "num_inference_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"validation.{name}: expected an int >= 1, got {getattr(self, name)!r}")
+        super().__post_init__()
+        if self.num_inference_steps < 1:
+            raise ValueError(f"validation.num_inference_steps: expected an int >= 1, got {self.num_inference_steps!r}")
         if self.process_size < 8:
             raise ValueError(f"validation.process_size: expected an int >= 8, got {self.process_size!r}")
 
@@ -309,10 +291,8 @@ def build_pipeline(parts: FrozenParts, unet, controlnet):
 @torch.no_grad()
 def log_validation(accelerator: Accelerator, cfg: SeeSRTrainConfig, parts: FrozenParts, models, step: int) -> list:
     """Super-resolve ``validation.images`` with the modules being trained; save PNGs, log them to TensorBoard."""
-    import numpy as np
-
     from seesr.image_io import load_image
-    from seesr.training.loop import unwrap
+    from seesr.training.loop import save_validation_images, unwrap
 
     unet, controlnet = (unwrap(accelerator, m) for m in models)
     was_training = controlnet.training
@@ -321,10 +301,8 @@ def log_validation(accelerator: Accelerator, cfg: SeeSRTrainConfig, parts: Froze
     pipe = build_pipeline(parts, unet, controlnet)
     pipe.set_progress_bar_config(disable=True)
     val = cfg.validation
-    folder = Path(cfg.train.output_dir) / "validation" / f"step-{step:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
     results = []
-    for i, path in enumerate(val.images):
+    for path in val.images:
         generator = torch.Generator(device=accelerator.device).manual_seed(val.seed)
         with accelerator.autocast():
             image = pipe(
@@ -336,13 +314,8 @@ def log_validation(accelerator: Accelerator, cfg: SeeSRTrainConfig, parts: Froze
                 generator=generator,
                 output_type="pil",
             ).images[0]
-        image.save(folder / f"{i:02d}-{Path(path).stem}.png")
         results.append(image)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for i, image in enumerate(results):
-                tracker.log_images({f"validation/{i:02d}": np.asarray(image)[None]}, step, dataformats="NHWC")
-    logger.info("step %d: %d validation image(s) written to %s", step, len(results), folder)
+    save_validation_images(accelerator, results, val.images, cfg.train.output_dir, step)
     if was_training:
         unet.train()
         controlnet.train()

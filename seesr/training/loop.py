@@ -21,8 +21,10 @@ into the same shuffled order and position (`epoch_batches`), one generator per o
 (seed, step, process) for every random draw of the step function (`step_generator`), gradient accumulation,
 clipping and stepping (`apply_gradients`), logging, a non-finite-loss check and checkpoints when due
 (`finish_step`), validation when due, ``wait_for_everyone`` and the export on the main process. The step
-function of a resumed run draws what the uninterrupted run draws. The building blocks stay public for tests and
-special cases.
+function of a resumed run draws what the uninterrupted run draws. A job that trains several parameter groups
+with their own optimizers in turn (OSEDiff: generator, then fake score) adds them as ``phases`` (`LossPhase`):
+each phase's loss sees what the earlier ones returned and is stepped right after them on the same micro-batch.
+The building blocks stay public for tests and special cases.
 
 Checkpoints are folders `output_dir/checkpoint-{step}` written by `accelerator.save_state`; every model named in
 `register_save_load_hooks` (by default the job's ``models``) is stored in it with `save_pretrained` in a
@@ -35,8 +37,8 @@ import logging
 import math
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -100,6 +102,65 @@ class TrainingArgs:
                      "an int >= 1 or None")  # fmt: skip
         if not self.output_dir:
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+
+
+VAE_SCALE = 8  # Stable Diffusion's VAE downsampling: crops are multiples of it
+
+
+@dataclass
+class DataConfig:
+    """HR training images (random square crops, flipped when ``random_flip``); tags are read from ``NAME.txt``
+    files in ``tags_dir`` when set. The ``data:`` block of the SeeSR ControlNet and OSEDiff trainers."""
+
+    train_data: str = ""
+    tags_dir: str | None = None
+    resolution: int = 512
+    random_flip: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.train_data:
+            raise ValueError("data.train_data: expected a folder or list file of HR images, got ''")
+        if self.resolution < 8 or self.resolution % VAE_SCALE:
+            raise ValueError(f"data.resolution: expected a multiple of {VAE_SCALE} >= 8, got {self.resolution!r}")
+        if self.tags_dir is not None and not Path(self.tags_dir).is_dir():
+            raise ValueError(f"data.tags_dir: {self.tags_dir!r} is not a folder")
+
+
+@dataclass
+class ValidationArgs:
+    """Held-out LQ images that the trainer's real pipeline super-resolves every ``steps`` optimizer steps and after
+    the last one (no images: no validation), with its generator seeded by ``seed``. The ``validation:`` block's
+    common part (a trainer's block subclasses it to add its pipeline's settings)."""
+
+    images: list[str] = field(default_factory=list)
+    steps: int = 500
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        missing = [p for p in self.images if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"validation.images: no such file(s) {missing}")
+        if self.steps < 1:
+            raise ValueError(f"validation.steps: expected an int >= 1, got {self.steps!r}")
+
+
+def save_validation_images(
+    accelerator: Accelerator, images: Sequence[Any], sources: Sequence[str | Path], output_dir: str | Path, step: int
+) -> Path:
+    """Write the validation results (PIL images, one per source image) to
+    ``output_dir/validation/step-{step:07d}/{i:02d}-{source stem}.png`` and to TensorBoard; returns the folder."""
+    import numpy as np
+
+    folder = Path(output_dir) / "validation" / f"step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (image, source) in enumerate(zip(images, sources, strict=True)):
+        image.save(folder / f"{i:02d}-{Path(source).stem}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            for i, image in enumerate(images):
+                tracker.log_images({f"validation/{i:02d}": np.asarray(image)[None]}, step, dataformats="NHWC")
+    logger.info("step %d: %d validation image(s) written to %s", step, len(images), folder)
+    return folder
 
 
 def _require(name: str, value: Any, ok: bool, expected: str) -> None:
@@ -516,19 +577,47 @@ def apply_gradients(
 
 
 def finish_step(
-    accelerator: Accelerator, args: TrainingArgs, step: int, logs: Mapping[str, Any], lr_scheduler, progress
+    accelerator: Accelerator,
+    args: TrainingArgs,
+    step: int,
+    logs: Mapping[str, Any],
+    lr_scheduler,
+    progress,
+    loss_keys: Iterable[str] = ("loss",),
 ) -> None:
-    """After optimizer step ``step``: log (with the lr), fail on a non-finite loss, checkpoint when due."""
+    """After optimizer step ``step``: log (with the lr), fail on a non-finite loss (each of ``loss_keys``),
+    checkpoint when due."""
     values = log_step(accelerator, args, step, {**logs, "lr": lr_scheduler.get_last_lr()[0]})
     progress.update(1)
     progress.set_postfix(loss=f"{values['loss']:.4f}")
-    if not math.isfinite(values["loss"]):
-        raise RuntimeError(f"step {step}: the loss is not finite ({values['loss']})")
+    for key in loss_keys:
+        if not math.isfinite(values[key]):
+            raise RuntimeError(f"step {step}: the {'loss' if key == 'loss' else key} is not finite ({values[key]})")
     if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
         save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
 
 
 # ---------------------------------------------------------------- the loop skeleton
+
+
+@dataclass
+class LossPhase:
+    """A further (optimizer, parameters, loss) group of a `TrainingJob`, stepped after the job's own on every
+    micro-batch, in the order given (e.g. OSEDiff's fake score, trained after its generator on the same batch).
+
+    - ``params``: the parameters of this phase's own optimizer (`make_optimizer`, the same settings) and LR schedule
+      (the job's ``make_lr_scheduler`` or `make_lr_scheduler`); gradient clipping covers the same list.
+    - ``loss(models, batch, generator, terms) -> {name: tensor}``: ``terms`` holds what the earlier phases returned
+      for this micro-batch (their loss terms and any tensors they hand on, e.g. a generator's detached output);
+      the same step generator continues, so the phase's draws are part of the exact-resume sequence.
+    - ``key``: the returned entry this phase minimises (and checks for finiteness); it is logged with the others.
+    """
+
+    params: list[torch.nn.Parameter]
+    loss: Callable[
+        [Mapping[str, torch.nn.Module], dict[str, Any], torch.Generator, Mapping[str, Any]], Mapping[str, torch.Tensor]
+    ]
+    key: str
 
 
 @dataclass
@@ -547,6 +636,10 @@ class TrainingJob:
     - ``validate(models, step)``: on the main process every ``validation_steps`` steps and after the last step.
     - ``make_lr_scheduler(optimizer)``: a schedule other than `make_lr_scheduler(optimizer, args)`.
     - ``description``: a short log line of what is trained (e.g. parameter counts), logged with the start step.
+    - ``phases``: further `LossPhase` groups (own optimizer, schedule, loss), stepped after ``loss`` in order on
+      every micro-batch. Their optimizers and schedules are prepared after the job's own and checkpointed as
+      ``optimizer_1.bin``, ``scheduler_1.bin``, ... Logs hold every scalar term (number or 0-dim tensor) of every
+      phase; other entries (tensors handed on to later phases) are not logged.
     """
 
     models: Mapping[str, torch.nn.Module]
@@ -560,18 +653,20 @@ class TrainingJob:
     make_lr_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
     checkpoint_hooks: Callable[[Accelerator], None] | None = None
     description: str = ""
+    phases: Sequence[LossPhase] = ()
 
 
 def run_training(accelerator: Accelerator, args: TrainingArgs, job: TrainingJob) -> Path:
     """The training loop every trainer shares; returns the exported folder.
 
-    Optimizer (`make_optimizer`) and LR schedule over ``job.params``; ``accelerator.prepare``; resume from
-    ``args.resume`` (`resume_step`). Then, per optimizer step: the next batches in the seeded, resumable order
-    (`epoch_batches`); ``job.loss`` under ``accumulate`` + ``autocast`` with the step's generator
-    (`step_generator(seed, step, process)`, shared by the step's micro-batches, so that a resumed run draws exactly
-    what an uninterrupted run draws); `apply_gradients`; then `finish_step` (log, finite-loss check, checkpoint when
-    due) and validation when due. At the end: ``wait_for_everyone``, ``job.export`` on the main process,
-    ``wait_for_everyone`` and ``end_training``. ``accelerator`` comes from `start_training` (or `make_accelerator`).
+    Optimizer (`make_optimizer`) and LR schedule over ``job.params`` (and one each per ``job.phases``);
+    ``accelerator.prepare``; resume from ``args.resume`` (`resume_step`). Then, per optimizer step: the next batches
+    in the seeded, resumable order (`epoch_batches`); ``job.loss`` (then each phase's loss) under ``accumulate`` +
+    ``autocast`` with the step's generator (`step_generator(seed, step, process)`, shared by the step's
+    micro-batches and phases, so that a resumed run draws exactly what an uninterrupted run draws);
+    `apply_gradients` after each; then `finish_step` (log, finite-loss check, checkpoint when due) and validation
+    when due. At the end: ``wait_for_everyone``, ``job.export`` on the main process, ``wait_for_everyone`` and
+    ``end_training``. ``accelerator`` comes from `start_training` (or `make_accelerator`).
     """
     from tqdm.auto import tqdm
 
@@ -579,13 +674,7 @@ def run_training(accelerator: Accelerator, args: TrainingArgs, job: TrainingJob)
         job.checkpoint_hooks(accelerator)
     else:
         register_save_load_hooks(accelerator, job.models)
-    optimizer = make_optimizer(job.params, args)
-    lr_scheduler = job.make_lr_scheduler(optimizer) if job.make_lr_scheduler else make_lr_scheduler(optimizer, args)
-    names = list(job.models)
-    *prepared, optimizer, loader, lr_scheduler = accelerator.prepare(
-        *job.models.values(), optimizer, job.loader, lr_scheduler
-    )
-    models = dict(zip(names, prepared, strict=True))
+    models, phases, loader = _prepare_job(accelerator, args, job)
     plain = {name: unwrap(accelerator, model) for name, model in models.items()}
     step = resume_step(accelerator, args.output_dir, args.resume)
     logger.info(
@@ -599,14 +688,17 @@ def run_training(accelerator: Accelerator, args: TrainingArgs, job: TrainingJob)
             generator = step_generator(accelerator.device, args.seed, step, accelerator.process_index)
         batch = next(batches)
         with accelerator.accumulate(*models.values()):
-            with accelerator.autocast():
-                terms = job.loss(models, batch, generator)
-            apply_gradients(accelerator, terms["loss"], job.params, optimizer, lr_scheduler, args.max_grad_norm)
+            terms: dict[str, Any] = {}
+            for loss, key, params, optimizer, lr_scheduler in phases:
+                with accelerator.autocast():
+                    terms.update(loss(models, batch, generator, terms))
+                apply_gradients(accelerator, terms[key], params, optimizer, lr_scheduler, args.max_grad_norm)
         if not accelerator.sync_gradients:
             continue
         step += 1
         generator = None
-        finish_step(accelerator, args, step, terms, lr_scheduler, progress)
+        logs = {k: v for k, v in terms.items() if isinstance(v, (int, float)) or torch.is_tensor(v) and v.ndim == 0}
+        finish_step(accelerator, args, step, logs, phases[0][4], progress, [key for _, key, *_ in phases])
         due = job.validation_steps and (step % job.validation_steps == 0 or step == args.max_train_steps)
         if job.validate is not None and due:
             if accelerator.is_main_process:
@@ -620,3 +712,23 @@ def run_training(accelerator: Accelerator, args: TrainingArgs, job: TrainingJob)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return Path(export_dir)
+
+
+def _prepare_job(accelerator: Accelerator, args: TrainingArgs, job: TrainingJob) -> tuple[dict, list[tuple], Any]:
+    """Optimizers and schedules of the job and its phases, everything through ``accelerator.prepare`` (models,
+    optimizers, loader, schedules: for a one-phase job the order of ``prepare(model..., optimizer, loader,
+    scheduler)``). Returns the prepared models by name, ``(loss, key, params, optimizer, scheduler)`` per phase
+    (the job's own first) and the loader."""
+    groups = [(lambda models, batch, generator, terms: job.loss(models, batch, generator), "loss", job.params)]
+    groups += [(phase.loss, phase.key, phase.params) for phase in job.phases]
+    optimizers = [make_optimizer(params, args) for _, _, params in groups]
+    schedule = job.make_lr_scheduler or (lambda optimizer: make_lr_scheduler(optimizer, args))
+    schedulers = [schedule(optimizer) for optimizer in optimizers]
+    names, count = list(job.models), len(groups)
+    prepared = accelerator.prepare(*job.models.values(), *optimizers, job.loader, *schedulers)
+    models = dict(zip(names, prepared[: len(names)], strict=True))
+    optimizers = prepared[len(names) : len(names) + count]
+    loader = prepared[len(names) + count]
+    schedulers = prepared[len(names) + count + 1 :]
+    phases = [(*group, o, s) for group, o, s in zip(groups, optimizers, schedulers, strict=True)]
+    return models, phases, loader

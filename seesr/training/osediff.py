@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from seesr.data.degradation import DegradationConfig, degrade
-from seesr.training.config import config_to_dict, load_config
-from seesr.training.loop import TrainingArgs, epoch_batches, step_generator
+from seesr.training.config import load_config
+from seesr.training.loop import DataConfig, TrainingArgs, ValidationArgs
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -40,22 +40,6 @@ TRAINED_FILE = "{name}.safetensors"  # the trainable tensors of each trained mod
 def osediff_degradation() -> DegradationConfig:
     """Real-ESRGAN x4plus as OSEDiff uses it: no USM on the GT, LQ resized back to the crop size, 8-bit quantised."""
     return DegradationConfig(usm_sharpen_gt=False, resize_lq_to_gt=True, quantize_lq=True)
-
-
-@dataclass
-class OSEDiffDataConfig:
-    """HR training images (random square crops); ``NAME.txt`` tag files are used when there is no DAPE model."""
-
-    train_data: str = ""
-    tags_dir: str | None = None
-    resolution: int = 512
-    random_flip: bool = True
-
-    def __post_init__(self) -> None:
-        if not self.train_data:
-            raise ValueError("data.train_data: expected a folder or list file of HR images, got ''")
-        if self.resolution < 8 or self.resolution % 8:
-            raise ValueError(f"data.resolution: expected a multiple of 8 >= 8, got {self.resolution!r}")
 
 
 @dataclass
@@ -86,22 +70,6 @@ class OSEDiffLossConfig:
 
 
 @dataclass
-class OSEDiffValidationConfig:
-    """LQ images super-resolved by the real OSEDiffPipeline every ``steps`` optimizer steps (none: no validation)."""
-
-    images: list[str] = field(default_factory=list)
-    steps: int = 500
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        missing = [p for p in self.images if not Path(p).is_file()]
-        if missing:
-            raise ValueError(f"validation.images: no such file(s) {missing}")
-        if self.steps < 1:
-            raise ValueError(f"validation.steps: expected an int >= 1, got {self.steps!r}")
-
-
-@dataclass
 class OSEDiffTrainConfig:
     """The one-step training config (configs/osediff.yaml); see docs/training_osediff.md for every key."""
 
@@ -112,13 +80,14 @@ class OSEDiffTrainConfig:
     lora_rank: int = 4
     neg_prompt: str = ""
     null_text_ratio: float = 0.0
-    data: OSEDiffDataConfig = field(default_factory=lambda: OSEDiffDataConfig(train_data="data/train"))
+    data: DataConfig = field(default_factory=lambda: DataConfig(train_data="data/train"))
     degradation: DegradationConfig = field(default_factory=osediff_degradation)
     loss: OSEDiffLossConfig = field(default_factory=OSEDiffLossConfig)
-    validation: OSEDiffValidationConfig = field(default_factory=OSEDiffValidationConfig)
+    validation: ValidationArgs = field(default_factory=ValidationArgs)
     train: TrainingArgs = field(default_factory=TrainingArgs)
     export_dir: str | None = None
     export_pkl: bool = True
+    timestep: int = 999
 
     def __post_init__(self) -> None:
         if not self.pretrained_model:
@@ -129,6 +98,11 @@ class OSEDiffTrainConfig:
             raise ValueError("teacher_model: only used with teacher=seesr (teacher=sd uses pretrained_model's UNet)")
         if self.lora_rank < 1:
             raise ValueError(f"lora_rank: expected an int >= 1, got {self.lora_rank!r}")
+        if not 0 <= self.timestep < 1000:
+            raise ValueError(f"timestep: expected an int in [0, 1000), got {self.timestep!r}")
+        if self.export_pkl and self.timestep != 999:
+            raise ValueError(f"timestep={self.timestep} needs export_pkl=false: the released osediff.pkl layout has "
+                             "no timestep (the original always runs t=999); the pipeline folder keeps it")  # fmt: skip
         if not 0 <= self.null_text_ratio <= 1:
             raise ValueError(f"null_text_ratio: expected a float in [0, 1], got {self.null_text_ratio!r}")
         if not self.degradation.resize_lq_to_gt:
@@ -144,20 +118,20 @@ class OSEDiffTrainConfig:
 class OneStepGenerator(nn.Module):
     """OSEDiff's generator: ``lq`` in [-1, 1] -> (image in [-1, 1], x0 latents). ``unet`` / ``vae`` carry the LoRA."""
 
-    def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: torch.Tensor):
+    def __init__(self, unet: nn.Module, vae: nn.Module, alphas_cumprod: torch.Tensor, timestep: int = 999):
         super().__init__()
-        self.unet, self.vae = unet, vae
+        self.unet, self.vae, self.timestep = unet, vae, timestep
         # a plain attribute, not a buffer: `.to(dtype=fp16)` must not round the alpha-bar (float32, as the original)
         self.alphas_cumprod = alphas_cumprod.float().clone()
 
     def forward(self, lq: torch.Tensor, prompt_embeds: torch.Tensor, generator: torch.Generator | None = None):
-        from seesr.models.onestep import ONESTEP_TIMESTEP, onestep_x0
+        from seesr.models.onestep import onestep_x0
 
         scaling = self.vae.config.scaling_factor
         posterior = self.vae.encode(lq.to(self.vae.dtype)).latent_dist
         lq_latents = posterior.sample(generator=generator) * scaling
-        noise_pred = self.unet(lq_latents, ONESTEP_TIMESTEP, encoder_hidden_states=prompt_embeds).sample
-        latents = onestep_x0(lq_latents, noise_pred, self.alphas_cumprod)
+        noise_pred = self.unet(lq_latents, self.timestep, encoder_hidden_states=prompt_embeds).sample
+        latents = onestep_x0(lq_latents, noise_pred, self.alphas_cumprod, self.timestep)
         image = self.vae.decode((latents / scaling).to(self.vae.dtype)).sample.clamp(-1, 1)
         return image, latents
 
@@ -258,7 +232,7 @@ def setup_training(cfg: OSEDiffTrainConfig, device: torch.device | str, weight_d
         names = set(trainable_parameter_names(model))
         for name, param in model.named_parameters():
             param.requires_grad_(name in names)
-    generator = OneStepGenerator(unet, vae, scheduler.alphas_cumprod)
+    generator = OneStepGenerator(unet, vae, scheduler.alphas_cumprod, cfg.timestep)
     fake_score = real_score = None
     if cfg.loss.lambda_vsd > 0:
         fake_unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet")
@@ -459,6 +433,7 @@ def build_pipeline(parts: OSEDiffParts, unet, vae):
         tokenizer=parts.tokenizer,
         scheduler=DDPMScheduler.from_config(parts.scheduler.config),
         prompt_extractor=parts.dape,
+        timestep=parts.generator.timestep,
     )
 
 
@@ -495,6 +470,7 @@ def export_models(cfg: OSEDiffTrainConfig, parts: OSEDiffParts, generator_model:
         unet,
         DDPMScheduler.from_pretrained(source, subfolder="scheduler"),
         prompt_extractor=copy.deepcopy(parts.dape).float() if parts.dape is not None else None,
+        timestep=cfg.timestep,
     )
     pipeline_dir = export_dir / "pipeline"
     pipeline_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -517,30 +493,21 @@ def export_models(cfg: OSEDiffTrainConfig, parts: OSEDiffParts, generator_model:
 @torch.no_grad()
 def log_validation(accelerator: Accelerator, cfg: OSEDiffTrainConfig, parts: OSEDiffParts, generator_model, step):
     """Super-resolve ``validation.images`` with the real OSEDiffPipeline over the modules being trained."""
-    import numpy as np
-
     from seesr.image_io import load_image
-    from seesr.training.loop import unwrap
+    from seesr.training.loop import save_validation_images, unwrap
 
     model = unwrap(accelerator, generator_model)
     model.eval()
     pipe = build_pipeline(parts, model.unet, model.vae)
     pipe.set_progress_bar_config(disable=True)
-    folder = Path(cfg.train.output_dir) / "validation" / f"step-{step:07d}"
-    folder.mkdir(parents=True, exist_ok=True)
     results = []
-    for i, path in enumerate(cfg.validation.images):
+    for path in cfg.validation.images:
         generator = torch.Generator(device=accelerator.device).manual_seed(cfg.validation.seed)
         with accelerator.autocast():
             image = pipe(image=load_image(path).rgb, upscale=cfg.degradation.scale, generator=generator,
                          output_type="pil").images[0]  # fmt: skip
-        image.save(folder / f"{i:02d}-{Path(path).stem}.png")
         results.append(image)
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            for i, image in enumerate(results):
-                tracker.log_images({f"validation/{i:02d}": np.asarray(image)[None]}, step, dataformats="NHWC")
-    logger.info("step %d: %d validation image(s) written to %s", step, len(results), folder)
+    save_validation_images(accelerator, results, cfg.validation.images, cfg.train.output_dir, step)
     model.train()
     return results
 
@@ -549,97 +516,56 @@ def log_validation(accelerator: Accelerator, cfg: OSEDiffTrainConfig, parts: OSE
 
 
 def train_osediff(cfg: OSEDiffTrainConfig) -> Path:
-    """Train (or resume) a one-step model as configured; returns the exported pipeline folder."""
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
+    """Train (or resume) a one-step model as configured with `run_training`; returns the exported pipeline folder.
 
+    The generator is the job's own optimizer group; the fake score (with VSD on) is a second `LossPhase` stepped
+    right after it on every micro-batch, on the generator's detached latents (as the original alternates them)."""
     from seesr.data.image_folder import ImageFolderDataset, collate
     from seesr.training.loop import (
-        apply_gradients,
-        finish_step,
+        LossPhase,
+        TrainingJob,
         frozen_weight_dtype,
-        make_accelerator,
-        make_lr_scheduler,
-        make_optimizer,
-        resume_step,
+        run_training,
+        shuffled_loader,
+        start_training,
         trainable_parameters,
-        unwrap,
-        write_resolved_config,
     )
 
     args = cfg.train
-    # 1. accelerator, models, data
-    accelerator = make_accelerator(args, "osediff", config=config_to_dict(cfg))
-    write_resolved_config(cfg, args.output_dir, accelerator)
+    accelerator = start_training(cfg, "osediff")
     parts = setup_training(cfg, accelerator.device, frozen_weight_dtype(accelerator))
     trained = {"generator": parts.generator, **({"fake_score": parts.fake_score} if parts.fake_score else {})}
-    register_trainable_hooks(accelerator, trained)
+    params = {name: trainable_parameters(model) for name, model in trained.items()}
     dataset = ImageFolderDataset(
         cfg.data.train_data, cfg.data.resolution, cfg.data.random_flip, cfg.data.tags_dir, seed=args.seed or 0
     )
-    loader = DataLoader(
-        dataset,
-        batch_size=args.train_batch_size,
-        shuffle=True,
-        collate_fn=collate,
-        drop_last=len(dataset) >= args.train_batch_size,
-        num_workers=args.dataloader_num_workers,
+
+    def generator_phase(models, batch, generator):
+        inputs = prepare_batch(parts, batch, cfg, generator)
+        terms = generator_loss(parts, models["generator"], models.get("fake_score"), inputs, cfg, generator)
+        return {**terms, "embeds": inputs["embeds"]}
+
+    def fake_score_phase(models, batch, generator, terms):
+        loss = fake_score_loss(parts, models["fake_score"], terms["latents"], terms["embeds"], generator)
+        return {"loss_d": loss * cfg.loss.lambda_vsd_lora}
+
+    phases = [LossPhase(params["fake_score"], fake_score_phase, "loss_d")] if parts.fake_score else []
+    job = TrainingJob(
+        models=trained,
+        params=params["generator"],
+        loader=shuffled_loader(dataset, args, collate),
+        loss=generator_phase,
+        export=lambda models: export_models(cfg, parts, models["generator"]),
+        export_dir=Path(cfg.export_dir or args.output_dir) / "pipeline",
+        validate=lambda models, step: log_validation(accelerator, cfg, parts, models["generator"], step),
+        validation_steps=cfg.validation.steps if cfg.validation.images else 0,
+        checkpoint_hooks=lambda accelerator: register_trainable_hooks(accelerator, trained),
+        description="OSEDiff: {:.2f} M trainable generator parameters (fake score {:.2f} M)".format(
+            *(sum(p.numel() for p in params.get(name, [])) / 1e6 for name in ("generator", "fake_score"))
+        ),
+        phases=phases,
     )
-    # 2. one optimizer and schedule per trained module (the original's generator / regularizer pair)
-    params = {name: trainable_parameters(model) for name, model in trained.items()}
-    optimizers = {name: make_optimizer(p, args) for name, p in params.items()}
-    schedulers = {name: make_lr_scheduler(opt, args) for name, opt in optimizers.items()}
-    names = list(trained)
-    prepared = accelerator.prepare(*trained.values(), *optimizers.values(), loader, *schedulers.values())
-    n = len(names)
-    models = dict(zip(names, prepared[:n]))
-    optimizers = dict(zip(names, prepared[n : 2 * n]))
-    loader = prepared[2 * n]
-    schedulers = dict(zip(names, prepared[2 * n + 1 :]))
-    step = resume_step(accelerator, args.output_dir, args.resume)
-    logger.info("OSEDiff: %.2f M trainable generator parameters (fake score %.2f M), %d images, step %d",
-                sum(p.numel() for p in params["generator"]) / 1e6,
-                sum(p.numel() for p in params.get("fake_score", [])) / 1e6, len(dataset), step)  # fmt: skip
-    # 3. loop: generator phase, then fake-score phase, on every micro-batch (as the original)
-    progress = tqdm(total=args.max_train_steps, initial=step, disable=not accelerator.is_local_main_process)
-    batches = epoch_batches(accelerator, loader, step)
-    micro = 0
-    while step < args.max_train_steps:
-        batch = next(batches)
-        generator = step_generator(accelerator.device, args.seed, step * args.gradient_accumulation_steps + micro,
-                                   accelerator.process_index)  # fmt: skip
-        fake = models.get("fake_score")
-        with accelerator.accumulate(*models.values()):
-            with accelerator.autocast():
-                inputs = prepare_batch(parts, batch, cfg, generator)
-                terms = generator_loss(parts, models["generator"], fake, inputs, cfg, generator)
-            apply_gradients(accelerator, terms["loss"], params["generator"], optimizers["generator"],
-                            schedulers["generator"], args.max_grad_norm)  # fmt: skip
-            if fake is not None:
-                with accelerator.autocast():
-                    loss_d = fake_score_loss(parts, fake, terms["latents"], inputs["embeds"], generator)
-                    terms["loss_d"] = loss_d * cfg.loss.lambda_vsd_lora
-                apply_gradients(accelerator, terms["loss_d"], params["fake_score"], optimizers["fake_score"],
-                                schedulers["fake_score"], args.max_grad_norm)  # fmt: skip
-        micro = (micro + 1) % args.gradient_accumulation_steps
-        if not accelerator.sync_gradients:
-            continue
-        step, micro = step + 1, 0
-        logs = {k: v for k, v in terms.items() if k != "latents"}
-        finish_step(accelerator, args, step, logs, schedulers["generator"], progress)
-        if cfg.validation.images and (step % cfg.validation.steps == 0 or step == args.max_train_steps):
-            if accelerator.is_main_process:
-                log_validation(accelerator, cfg, parts, models["generator"], step)
-            accelerator.wait_for_everyone()
-    progress.close()
-    # 4. export
-    accelerator.wait_for_everyone()
-    export = Path(cfg.export_dir or args.output_dir) / "pipeline"
-    if accelerator.is_main_process:
-        export = export_models(cfg, parts, unwrap(accelerator, models["generator"]))
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return export
+    return run_training(accelerator, args, job)
 
 
 def main(argv: list[str] | None = None) -> None:
