@@ -117,10 +117,38 @@ CONFIGS: dict[str, dict] = {
 # Building --------------------------------------------------------------------------------------------------------
 
 
+def random_vae(config: dict):
+    """An ``AutoencoderKL`` of ``config["vae"]`` (a ``CONFIGS`` entry) with random weights from torch's global RNG."""
+    from diffusers import AutoencoderKL
+
+    levels = len(config["vae"]["block_out_channels"])
+    return AutoencoderKL(
+        **config["vae"],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=4,
+        sample_size=512,
+    ).eval()
+
+
+def random_text_encoder(config: dict):
+    """(CLIP text encoder with random weights from torch's global RNG, the tiny fixture tokenizer) of ``config``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    max_length = config["max_length"]
+    text_config = CLIPTextConfig(
+        vocab_size=524, max_position_embeddings=max_length, bos_token_id=522, eos_token_id=523, pad_token_id=523,
+        **config["text"],
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_length
+    )
+    return CLIPTextModel(text_config).eval(), tokenizer
+
+
 def build_pipeline(name: str, device: str, dtype: torch.dtype, seed: int = 0):
     """A SeeSRPipeline of ``CONFIGS[name]`` with seeded random weights, on ``device`` in ``dtype``."""
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
 
     from pipelines import SeeSRPipeline
     from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG
@@ -130,29 +158,11 @@ def build_pipeline(name: str, device: str, dtype: torch.dtype, seed: int = 0):
     torch.manual_seed(seed)
     unet = SeeSRUNet2DConditionModel(**config["unet"], use_image_cross_attention=True).eval()
     controlnet = SeeSRControlNetModel.from_unet(unet).eval()
-    levels = len(config["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        **config["vae"],
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        latent_channels=4,
-        sample_size=512,
-    ).eval()
-    max_length = config["max_length"]
-    text_config = CLIPTextConfig(
-        vocab_size=524,
-        max_position_embeddings=max_length,
-        bos_token_id=522,
-        eos_token_id=523,
-        pad_token_id=523,
-        **config["text"],
-    )
-    tokenizer = CLIPTokenizer(
-        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_length
-    )
+    vae = random_vae(config)
+    text_encoder, tokenizer = random_text_encoder(config)
     pipe = SeeSRPipeline(
         vae=vae,
-        text_encoder=CLIPTextModel(text_config).eval(),
+        text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
         controlnet=controlnet,
