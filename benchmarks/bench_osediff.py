@@ -22,14 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_pipeline import CONFIGS, TOKENIZER_DIR, current_peak, lq_image, reset_cpu_peak  # noqa: E402
+from bench_pipeline import CONFIGS, current_peak, lq_image, random_text_encoder, random_vae, reset_cpu_peak  # noqa: E402
 
 MARK = "BENCH_OSEDIFF "
 
 
 def build(config_name: str, device: str, dtype: torch.dtype):
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
 
     from pipelines import OSEDiffPipeline
     from pipelines.pipeline_osediff import default_scheduler
@@ -38,24 +37,11 @@ def build(config_name: str, device: str, dtype: torch.dtype):
     config = CONFIGS[config_name]
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**{k: v for k, v in config["unet"].items() if not k.startswith("image_")})
-    levels = len(config["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        **config["vae"],
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        latent_channels=4,
-        sample_size=512,
-    )
+    vae = random_vae(config)
     add_unet_lora(unet)
     add_vae_lora(vae)
-    text = CLIPTextConfig(
-        vocab_size=524, max_position_embeddings=config["max_length"], bos_token_id=522, eos_token_id=523,
-        pad_token_id=523, **config["text"],
-    )  # fmt: skip
-    tokenizer = CLIPTokenizer(
-        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=config["max_length"]
-    )
-    pipe = OSEDiffPipeline(vae.eval(), CLIPTextModel(text).eval(), tokenizer, unet.eval(), default_scheduler())
+    text_encoder, tokenizer = random_text_encoder(config)
+    pipe = OSEDiffPipeline(vae.eval(), text_encoder, tokenizer, unet.eval(), default_scheduler())
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device, dtype)
 

@@ -123,13 +123,41 @@ PRESETS = ("quality", "fast", "turbo", "onestep")
 TURBO_DEFAULTS = {"num_inference_steps": 2, "guidance_scale": 1.0, "latent_tile_overlap": 32}
 
 
+def random_vae(config: dict):
+    """An ``AutoencoderKL`` of ``config["vae"]`` (a ``CONFIGS`` entry) with random weights from torch's global RNG."""
+    from diffusers import AutoencoderKL
+
+    levels = len(config["vae"]["block_out_channels"])
+    return AutoencoderKL(
+        **config["vae"],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        latent_channels=4,
+        sample_size=512,
+    ).eval()
+
+
+def random_text_encoder(config: dict):
+    """(CLIP text encoder with random weights from torch's global RNG, the tiny fixture tokenizer) of ``config``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    max_length = config["max_length"]
+    text_config = CLIPTextConfig(
+        vocab_size=524, max_position_embeddings=max_length, bos_token_id=522, eos_token_id=523, pad_token_id=523,
+        **config["text"],
+    )  # fmt: skip
+    tokenizer = CLIPTokenizer(
+        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_length
+    )
+    return CLIPTextModel(text_config).eval(), tokenizer
+
+
 def build_pipeline(name: str, device: str, dtype: torch.dtype | None, seed: int = 0, preset: str | None = None):
     """A pipeline of ``CONFIGS[name]`` with seeded random weights on ``device``: a SeeSRPipeline in ``dtype``, or
     with ``preset``, the preset's pipeline set up by ``apply_preset`` (``dtype`` None: the preset's precision;
     onestep: an OSEDiffPipeline whose UNet is the same UNet without RCA and without LoRA, i.e. fused LoRA's cost).
     Returns ``(pipe, call_kwargs)``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pipelines import OSEDiffPipeline, SeeSRPipeline
     from pipelines.pipeline_seesr import SD2_SCHEDULER_CONFIG
@@ -145,27 +173,9 @@ def build_pipeline(name: str, device: str, dtype: torch.dtype | None, seed: int 
     else:
         unet = SeeSRUNet2DConditionModel(**config["unet"], use_image_cross_attention=True).eval()
         controlnet = SeeSRControlNetModel.from_unet(unet).eval()
-    levels = len(config["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        **config["vae"],
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        latent_channels=4,
-        sample_size=512,
-    ).eval()
-    max_length = config["max_length"]
-    text_config = CLIPTextConfig(
-        vocab_size=524,
-        max_position_embeddings=max_length,
-        bos_token_id=522,
-        eos_token_id=523,
-        pad_token_id=523,
-        **config["text"],
-    )
-    tokenizer = CLIPTokenizer(
-        str(TOKENIZER_DIR / "vocab.json"), str(TOKENIZER_DIR / "merges.txt"), model_max_length=max_length
-    )
-    components = {"vae": vae, "text_encoder": CLIPTextModel(text_config).eval(), "tokenizer": tokenizer, "unet": unet}
+    vae = random_vae(config)
+    text_encoder, tokenizer = random_text_encoder(config)
+    components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}
     scheduler = DDPMScheduler.from_config(SD2_SCHEDULER_CONFIG)
     if preset == "onestep":
         pipe = OSEDiffPipeline(**components, scheduler=scheduler)

@@ -28,6 +28,16 @@ from seesr.metrics import psnr, ssim
 from seesr.models.tgsr import default_model_path
 
 
+def load_pipeline(model: Path | None, threads: int) -> TGSRPipeline:
+    """The TGSR pipeline in ``model`` (default: the bundled weights), progress bar off, with quiet logging and
+    ``threads`` torch threads (the setup every TGSR benchmark shares)."""
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(threads)
+    pipe = TGSRPipeline.from_pretrained(model or default_model_path())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def held_out_photos(folder: Path | None) -> list[tuple[str, Image.Image, str]]:
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="tgsr-bench-"))
@@ -72,10 +82,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tile_size", type=int, default=256)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    pipe = TGSRPipeline.from_pretrained(args.model or default_model_path())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model, args.threads)
     photos = held_out_photos(args.photos)
     pipe(photos[0][1].resize((32, 32)), "", upscale=args.upscale)  # warm-up
     print(f"TGSR x{args.upscale} on {len(photos)} held-out photos ({', '.join(p[0] for p in photos)}), "

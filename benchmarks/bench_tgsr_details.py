@@ -17,12 +17,10 @@ Captions mix words of the training vocabulary and other phrasings; `--figure` wr
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,13 +91,9 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=None, help="write the one-LR, three-caption figure here")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-    from pipelines.pipeline_tgsr import TGSRPipeline
-    from seesr.models.tgsr import default_model_path
+    from bench_tgsr import load_pipeline
 
-    pipe = TGSRPipeline.from_pretrained(args.model or default_model_path())
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.model, args.threads)
     rng = np.random.default_rng(0)
     for factor in (8, 16):
         lrs = [Image.fromarray(to_uint8(smooth_background(64, rng))).resize((64 // factor,) * 2, Image.BICUBIC)

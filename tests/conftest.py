@@ -15,3 +15,13 @@ def _quiet_libraries():
     for name in ("diffusers", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
     yield
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny SeeSR pipeline folder (``tiny_pipeline(seed=0)``), one per test module; a module may override."""
+    from tiny import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("model") / "seesr"
+    tiny_pipeline(seed=0).save_pretrained(folder)
+    return folder

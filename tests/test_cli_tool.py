@@ -39,13 +39,6 @@ def _reuse_loaded_pipelines(monkeypatch):
 _LOADED: dict = {}
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "seesr"
-    tiny_pipeline(seed=0).save_pretrained(folder)
-    return folder
-
-
 def seesr(model_dir, inputs, out, *extra):
     args = ["upscale", *map(str, inputs), "-o", str(out), "--model", str(model_dir), "--steps", "1"]
     return main(args + ["--process-size", "32", "--upscale", "2", "--guidance-scale", "1", *extra])

@@ -9,16 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import lq_image, tiny_pipeline
+from tiny import lq_image
 
 from seesr.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "seesr"
-    tiny_pipeline(seed=0).save_pretrained(folder)
-    return folder
 
 
 def upscale(model_dir, inputs, out, *extra):

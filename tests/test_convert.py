@@ -26,6 +26,11 @@ def convert_args(root, out, *extra: str) -> list[str]:
     return ["convert", "--sd", str(root / "sd2"), "--seesr", str(root / "seesr"), "-o", str(out), *extra]
 
 
+def upscale_args(tmp_path, model, *extra: str) -> list[str]:
+    """``seesr upscale`` of ``tmp_path/lq.png`` into ``tmp_path/sr`` with the converted folder ``model``."""
+    return ["upscale", str(tmp_path / "lq.png"), "-o", str(tmp_path / "sr"), "--model", str(model), *extra]
+
+
 def test_convert_builds_a_loadable_pipeline(released, tmp_path):
     root, unet_state, controlnet_state = released
     out = tmp_path / "pipe"
@@ -141,19 +146,7 @@ def test_convert_with_dape_and_upscale_writes_tags(released, tmp_path):
     assert result.prompts == [f"{tags}, sharp,clean, high-resolution, 8k"]
 
     image.save(tmp_path / "lq.png")
-    code = main(
-        [
-            "upscale",
-            str(tmp_path / "lq.png"),
-            "-o",
-            str(tmp_path / "sr"),
-            "--model",
-            str(out),
-            "--steps",
-            "1",
-            "--save-prompts",
-        ]
-    )
+    code = main(upscale_args(tmp_path, out, "--steps", "1", "--save-prompts"))
     assert code == 0 and (tmp_path / "sr" / "lq.txt").read_text() == f"{tags}, ,clean, high-resolution, 8k\n"
 
 
@@ -214,16 +207,7 @@ def test_convert_osediff_and_upscale_with_it(tmp_path, caplog):
     vae_state = pipe.vae.state_dict()
     assert all(torch.equal(vae_state[k], v) for k, v in pkl["state_dict_vae"].items())
     lq_image(7, 9).save(tmp_path / "lq.png")
-    args = [
-        "upscale",
-        str(tmp_path / "lq.png"),
-        "-o",
-        str(tmp_path / "sr"),
-        "--model",
-        str(out),
-        "--process-size",
-        "16",
-    ]
+    args = upscale_args(tmp_path, out, "--process-size", "16")
     assert main([*args, "--save-prompts"]) == 0
     assert Image.open(tmp_path / "sr" / "lq.png").size == (28, 36)
     assert (tmp_path / "sr" / "lq.txt").read_text() == ",\n"  # no DAPE: f"{prompt},"

@@ -111,3 +111,17 @@ def test_the_equivalence_fails_when_a_stock_forward_changes(monkeypatch, stock_a
 
     monkeypatch.setattr(stock_class, "forward", changed)
     assert not torch.equal(unet_output(rca), unet_output(stock))
+
+
+@pytest.mark.parametrize("name", ["SeeSRUNet2DConditionModel", "SeeSRControlNetModel"])
+def test_seesr_models_declare_the_stock_arguments_plus_rca(name):
+    """The SeeSR models pass every stock argument on by name (``seesr.models.unet.stock_arguments``), so each must
+    declare exactly the stock class's arguments with its defaults, plus the two RCA ones: an argument a diffusers
+    upgrade adds or renames fails here instead of being dropped or missing from the saved config."""
+    import seesr
+
+    model = getattr(seesr, name)
+    stock = next(c for c in model.__mro__[1:] if c.__module__.startswith("diffusers."))
+    ours = {k: p.default for k, p in inspect.signature(model.__init__).parameters.items()}
+    theirs = {k: p.default for k, p in inspect.signature(stock.__init__).parameters.items()}
+    assert ours == {**theirs, "use_image_cross_attention": True, "image_cross_attention_dim": 512}

@@ -19,17 +19,7 @@ from tests.tiny import tiny_vae
 
 def shallow_vae(attention: bool, seed: int = 0) -> AutoencoderKL:
     """A two-level VAE (scale factor 2): cheap enough to tile exhaustively with a full receptive-field overlap."""
-    torch.manual_seed(seed)
-    return AutoencoderKL(
-        block_out_channels=(8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        latent_channels=4,
-        norm_num_groups=4,
-        layers_per_block=1,
-        sample_size=32,
-        mid_block_add_attention=attention,
-    ).eval()
+    return tiny_vae(seed, levels=2, sample_size=32, attention=attention)
 
 
 def smooth(shape: tuple[int, ...], seed: int, scale: float = 1.0) -> torch.Tensor:

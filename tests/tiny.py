@@ -140,18 +140,20 @@ def tiny_text_encoder(seed: int = 0, max_length: int = 16):
     return CLIPTextModel(config).eval()
 
 
-def tiny_vae(seed: int = 0):
+def tiny_vae(seed: int = 0, levels: int = 4, sample_size: int = 64, attention: bool = True):
+    """A tiny VAE of 8-channel blocks, scale factor ``2 ** (levels - 1)``; ``attention``: its mid-block attention."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        block_out_channels=(8, 8, 8, 8),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8,) * levels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
         latent_channels=4,
         norm_num_groups=4,
         layers_per_block=1,
-        sample_size=64,
+        sample_size=sample_size,
+        mid_block_add_attention=attention,
     ).eval()
 
 

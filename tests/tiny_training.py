@@ -26,6 +26,21 @@ def launch_script(script: str, args: list[str], cwd: Path) -> subprocess.Complet
     return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=240)
 
 
+def config_error_test(config_class: type, path: Path, cases: list[tuple[list[str], str]]):
+    """A test (assign it to a ``test_*`` name) that each ``(overrides, match)`` case fails when the config loads,
+    with a ``ValueError`` / ``ConfigError`` matching ``match``."""
+    import pytest
+
+    from seesr.training.config import ConfigError, load_config
+
+    @pytest.mark.parametrize(("items", "match"), cases)
+    def test(items: list[str], match: str) -> None:
+        with pytest.raises((ValueError, ConfigError), match=match):
+            load_config(config_class, path, items)
+
+    return test
+
+
 def write_sd2_folder(path: Path, prediction_type: str = "epsilon") -> Path:
     """A Stable-Diffusion-2-layout folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) of tiny stock models."""
     from diffusers import DDPMScheduler, UNet2DConditionModel

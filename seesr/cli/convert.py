@@ -5,15 +5,19 @@ Inputs, unchanged as released:
 - the SeeSR folder with unet/ and controlnet/ (config.json with "use_image_cross_attention": true);
 - optionally DAPE: ram_swin_large_14m.pth + DAPE.pth + ram_tag_list.txt + ram_tag_list_threshold.txt.
 The scheduler is DDPM with the SD2 scheduler config, as the original ``test_seesr.py``.
-With ``--sd-turbo`` (instead of ``--sd``) it writes a SeeSR-Turbo folder instead (see ``seesr.cli.convert_turbo``).
+With ``--sd-turbo`` (instead of ``--sd``) it writes a SeeSR-Turbo folder instead (``convert_seesr(turbo=True)``, the
+UNet assembly in ``seesr.cli.convert_turbo``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from seesr.cli_options import add_dtype, add_output, add_overwrite
 from seesr.cli_options import dtype as dtype_name
@@ -78,17 +82,66 @@ def _dape_model(dape: DAPEFiles):
     )
 
 
-def _check_sd_folder(sd: str) -> None:
+def _prompt_extractor(dape: DAPEFiles | None, unet: Any = None, unet_name: str = "UNet"):
+    """The DAPE prompt extractor (None without DAPE files); with ``unet``, its tokens must fit the UNet's RCA."""
+    if dape is None:
+        return None
+    model = _dape_model(dape)
+    width = model.image_proj.out_features
+    expected = None if unet is None else unet.config.image_cross_attention_dim
+    if expected is not None and width != expected:
+        raise ConversionError(f"{dape.ram}: DAPE tokens are {width} wide, the {unet_name} expects {expected}")
+    return model
+
+
+def _check_sd_folder(
+    sd: str,
+    kind: str = "Stable Diffusion",
+    example: str = "stabilityai/stable-diffusion-2-base",
+    subfolders: tuple[str, ...] = ("vae", "text_encoder", "tokenizer", "scheduler"),
+) -> None:
+    """A diffusers folder of ``kind`` with ``subfolders`` (or a hub id such as ``example``, not checked here)."""
     path = Path(sd)
     if not path.exists():
         if sd.count("/") == 1 and not sd.startswith((".", "/")):
             return  # a hub id: diffusers resolves it (and reports what is missing)
+        raise ConversionError(f"{sd}: {kind} folder not found (a local path or a hub id such as {example})")
+    for name in subfolders:
+        _require(path / name, f"the {kind} {name}/ folder")
+
+
+def _check_inputs(
+    output_dir: Path, dtype: str, overwrite: bool, dape: DAPEFiles | None, *folder_checks: Callable[[], None]
+) -> Any:
+    """The checks every converter makes before it loads anything; returns the torch dtype of ``dtype``."""
+    try:
+        dtype = dtype_name(dtype)
+    except argparse.ArgumentTypeError as error:
+        raise ConversionError(f"dtype: {error}") from None
+    check_replaceable(output_dir, overwrite)
+    for check in folder_checks:
+        check()
+    if dape is not None:
+        _check_dape_files(dape)
+    return to_torch_dtype(dtype)
+
+
+def _load_text_and_vae(source: str, torch_dtype: Any, unet: Any, unet_name: str, hint: str = "") -> tuple:
+    """(vae, text_encoder, tokenizer) of the diffusers folder or hub id ``source`` (``torch_dtype`` None: as saved);
+    the text encoder must be as wide as ``unet``'s cross-attention (else an error naming ``unet_name``, + ``hint``)."""
+    from diffusers import AutoencoderKL
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **dtype_kwargs)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **dtype_kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    width, expected = text_encoder.config.hidden_size, unet.config.cross_attention_dim
+    if width != expected:
         raise ConversionError(
-            f"{sd}: Stable Diffusion folder not found (a local path or a hub id such as "
-            "stabilityai/stable-diffusion-2-base)"
+            f"{source}: the text encoder is {width} wide but the {unet_name} expects {expected}" + hint
         )
-    for name in ("vae", "text_encoder", "tokenizer", "scheduler"):
-        _require(path / name, f"the Stable Diffusion {name}/ folder")
+    return vae, text_encoder, tokenizer
 
 
 def convert_seesr(
@@ -98,56 +151,54 @@ def convert_seesr(
     dape: DAPEFiles | None = None,
     dtype: str = "fp32",
     overwrite: bool = False,
+    turbo: bool = False,
 ) -> Path:
     """Build and save a SeeSRPipeline folder from the released files; returns ``output_dir``.
 
+    With ``turbo``, ``sd`` is an SD-Turbo folder (or hub id) and the folder is SeeSR-Turbo: the SD-Turbo UNet with
+    SeeSR's RCA weights, turbo's scheduler and sampling defaults (see :mod:`seesr.cli.convert_turbo`).
     The folder is written to a temporary sibling and renamed into place, so a failure leaves nothing behind.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler
-    from transformers import AutoTokenizer, CLIPTextModel
+    from diffusers import DDPMScheduler
 
     from pipelines.pipeline_seesr import SeeSRPipeline
     from seesr.models.controlnet import SeeSRControlNetModel
     from seesr.models.unet import SeeSRUNet2DConditionModel
 
+    from . import convert_turbo
+
     seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
-    try:
-        dtype = dtype_name(dtype)
-    except argparse.ArgumentTypeError as error:
-        raise ConversionError(f"dtype: {error}") from None
-    check_replaceable(output_dir, overwrite)
-    _check_sd_folder(sd)
-    _check_seesr_folder(seesr_dir)
-    if dape is not None:
-        _check_dape_files(dape)
-
-    torch_dtype = to_torch_dtype(dtype)
-    logger.info("loading the SeeSR unet and controlnet from %s", seesr_dir)
-    unet = SeeSRUNet2DConditionModel.from_pretrained(seesr_dir / "unet", torch_dtype=torch_dtype)
+    check_base = partial(convert_turbo.check_turbo_folder if turbo else _check_sd_folder, sd)
+    torch_dtype = _check_inputs(
+        output_dir, dtype, overwrite, dape, check_base, partial(_check_seesr_folder, seesr_dir)
+    )
+    variant = {}
+    if turbo:
+        unet, _ = convert_turbo.assemble_turbo_unet(sd, seesr_dir, torch_dtype)
+        scheduler = convert_turbo.turbo_scheduler(sd)
+        variant = {
+            "sampling_defaults": convert_turbo.TURBO_SAMPLING_DEFAULTS,
+            "model_kind": convert_turbo.TURBO_MODEL_KIND,
+        }
+    else:
+        logger.info("loading the SeeSR unet from %s", seesr_dir)
+        unet = SeeSRUNet2DConditionModel.from_pretrained(seesr_dir / "unet", torch_dtype=torch_dtype)
+        scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
     controlnet = SeeSRControlNetModel.from_pretrained(seesr_dir / "controlnet", torch_dtype=torch_dtype)
-    logger.info("loading Stable Diffusion components from %s", sd)
-    vae = AutoencoderKL.from_pretrained(sd, subfolder="vae", torch_dtype=torch_dtype)
-    text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder", torch_dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(sd, subfolder="tokenizer")
-    scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
+    if controlnet.config.cross_attention_dim != unet.config.cross_attention_dim:
         raise ConversionError(
-            f"{sd}: the text encoder is {text_encoder.config.hidden_size} wide but the SeeSR UNet expects "
-            f"{unet.config.cross_attention_dim} (use the Stable Diffusion 2 base model SeeSR was trained on)"
+            f"{seesr_dir / 'controlnet'}: cross_attention_dim {controlnet.config.cross_attention_dim} does not match "
+            f"the {'SD-Turbo ' if turbo else ''}UNet's {unet.config.cross_attention_dim}"
         )
-    prompt_extractor = None
-    if dape is not None:
-        prompt_extractor = _dape_model(dape)
-        width = prompt_extractor.image_proj.out_features
-        if width != unet.config.image_cross_attention_dim:
-            raise ConversionError(
-                f"{dape.ram}: DAPE tokens are {width} wide, the SeeSR UNet expects "
-                f"{unet.config.image_cross_attention_dim}"
-            )
-
-    pipe = SeeSRPipeline(vae, text_encoder, tokenizer, unet, controlnet, scheduler, prompt_extractor=prompt_extractor)
-    _stage_and_rename(output_dir, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
-    logger.info("wrote %s", output_dir)
+    logger.info("loading the VAE and text encoder from %s", sd)
+    hint = "" if turbo else " (use the Stable Diffusion 2 base model SeeSR was trained on)"
+    vae, text_encoder, tokenizer = _load_text_and_vae(sd, torch_dtype, unet, "UNet", hint)
+    prompt_extractor = _prompt_extractor(dape, unet, "UNet")
+    pipe = SeeSRPipeline(
+        vae, text_encoder, tokenizer, unet, controlnet, scheduler, prompt_extractor=prompt_extractor, **variant
+    )
+    save_folder(pipe, output_dir)
+    logger.info("wrote %s%s", output_dir, " (SeeSR-Turbo)" if turbo else "")
     return output_dir
 
 
@@ -166,11 +217,12 @@ def check_replaceable(output_dir: Path, overwrite: bool) -> None:
         )
 
 
-def _stage_and_rename(output_dir: Path, write) -> None:
-    """``write(folder)`` into a temporary sibling of ``output_dir``, then swap it into place (never half-written)."""
+def save_folder(model: Any, output_dir: Path) -> None:
+    """``model.save_pretrained`` (safetensors) into a temporary sibling of ``output_dir``, then swapped into place
+    (never half-written)."""
     from seesr.staging import write_folder
 
-    write_folder(output_dir, write)
+    write_folder(output_dir, lambda folder: model.save_pretrained(folder, safe_serialization=True))
 
 
 def convert_dape(dape: DAPEFiles, output_dir: str | Path, overwrite: bool = False) -> Path:
@@ -180,7 +232,7 @@ def convert_dape(dape: DAPEFiles, output_dir: str | Path, overwrite: bool = Fals
     check_replaceable(output_dir, overwrite)
     _check_dape_files(dape)
     model = _dape_model(dape)
-    _stage_and_rename(output_dir, lambda folder: model.save_pretrained(folder, safe_serialization=True))
+    save_folder(model, output_dir)
     logger.info("wrote %s (%d tags)", output_dir, model.num_classes)
     return output_dir
 
@@ -224,16 +276,11 @@ def run(args: argparse.Namespace) -> int:
         logger.error("give --sd and --seesr (a SeeSR pipeline folder), --ram ... alone (a DAPE folder), or both")
         return 2
     try:
-        if sd_turbo is not None:
-            from .convert_turbo import convert_seesr_turbo
-
-            convert_seesr_turbo(
-                sd_turbo, args.seesr, args.output, dape=dape, dtype=args.dtype, overwrite=args.overwrite
-            )
-        elif args.sd is None:
+        if args.sd is None and sd_turbo is None:
             convert_dape(dape, args.output, overwrite=args.overwrite)
         else:
-            convert_seesr(args.sd, args.seesr, args.output, dape=dape, dtype=args.dtype, overwrite=args.overwrite)
+            options = {"dape": dape, "dtype": args.dtype, "overwrite": args.overwrite, "turbo": sd_turbo is not None}
+            convert_seesr(args.sd or sd_turbo, args.seesr, args.output, **options)
     except (ConversionError, ValueError, OSError) as error:
         logger.error("%s", str(error).splitlines()[0] if str(error) else type(error).__name__)
         return 1

@@ -10,18 +10,17 @@ into place; the LoRA stays as peft adapters (``onestep_lora.*`` next to the base
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
-
-from seesr.dtypes import DTYPE_NAMES as DTYPES
 
 from .convert import (
     ConversionError,
     DAPEFiles,
-    _check_dape_files,
+    _check_inputs,
     _check_sd_folder,
-    _dape_model,
-    _stage_and_rename,
-    check_replaceable,
+    _load_text_and_vae,
+    _prompt_extractor,
+    save_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,44 +36,30 @@ def convert_osediff(
     overwrite: bool = False,
 ) -> Path:
     """Build and save an OSEDiffPipeline folder from the released files; returns ``output_dir``."""
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from pipelines.pipeline_osediff import OSEDiffPipeline
 
     from ..models.onestep import OSEDiffCheckpointError, load_osediff_checkpoint, read_osediff_checkpoint
 
     output_dir = Path(output_dir)
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    check_replaceable(output_dir, overwrite)
-    _check_sd_folder(sd)
-    if dape is not None:
-        _check_dape_files(dape)
+    torch_dtype = _check_inputs(output_dir, dtype, overwrite, dape, partial(_check_sd_folder, sd))
     try:
         checkpoint = read_osediff_checkpoint(osediff)
         logger.info("loading Stable Diffusion components from %s", sd)
         unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
-        vae = AutoencoderKL.from_pretrained(sd, subfolder="vae")
+        hint = " (use the Stable Diffusion 2.1 base model OSEDiff was trained on)"
+        vae, text_encoder, tokenizer = _load_text_and_vae(sd, None, unet, "UNet", hint)  # float32: LoRA loads first
         load_osediff_checkpoint(checkpoint, unet, vae)
     except OSEDiffCheckpointError as error:
         raise ConversionError(str(error)) from None
-    text_encoder = CLIPTextModel.from_pretrained(sd, subfolder="text_encoder")
-    tokenizer = AutoTokenizer.from_pretrained(sd, subfolder="tokenizer")
     scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise ConversionError(
-            f"{sd}: the text encoder is {text_encoder.config.hidden_size} wide but the UNet expects "
-            f"{unet.config.cross_attention_dim} (use the Stable Diffusion 2.1 base model OSEDiff was trained on)"
-        )
-    prompt_extractor = _dape_model(dape) if dape is not None else None
-    torch_dtype = getattr(torch, DTYPES[dtype])
+    prompt_extractor = _prompt_extractor(dape)
     for model in (unet, vae, text_encoder):
         model.to(dtype=torch_dtype)
     pipe = OSEDiffPipeline(
         vae, text_encoder, tokenizer, unet, scheduler, prompt_extractor=prompt_extractor, fuse_lora=fuse_lora
     )
-    _stage_and_rename(output_dir, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
+    save_folder(pipe, output_dir)
     logger.info("wrote %s", output_dir)
     return output_dir

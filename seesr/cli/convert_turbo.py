@@ -8,6 +8,7 @@ unexpected key or a shape mismatch is an error naming it. The ControlNet comes f
 tokenizer from SD-Turbo; the scheduler is a ``DDPMScheduler`` built from SD-Turbo's scheduler config (its
 "trailing" spacing gives timesteps [999, 499] for 2 steps). The folder stores turbo's defaults: 2 steps,
 guidance 1 (no classifier-free guidance, no negative prompt), LR-latent start at t=999, latent tile overlap 32.
+``seesr.cli.convert.convert_seesr(..., turbo=True)`` writes the folder from these parts.
 """
 
 from __future__ import annotations
@@ -17,17 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from seesr.dtypes import DTYPE_NAMES as DTYPES
-
 from .convert import (
     ConversionError,
-    DAPEFiles,
-    _check_dape_files,
-    _check_seesr_folder,
-    _dape_model,
-    _require,
-    _stage_and_rename,
-    check_replaceable,
+    _check_sd_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -46,16 +39,11 @@ class TurboUNetReport:
     seesr_ignored: int
 
 
-def _check_turbo_folder(sd_turbo: str) -> None:
-    path = Path(sd_turbo)
-    if not path.exists():
-        if sd_turbo.count("/") == 1 and not sd_turbo.startswith((".", "/")):
-            return  # a hub id (e.g. stabilityai/sd-turbo): diffusers resolves it
-        raise ConversionError(
-            f"{sd_turbo}: SD-Turbo folder not found (a local path or a hub id such as stabilityai/sd-turbo)"
-        )
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        _require(path / name, f"the SD-Turbo {name}/ folder")
+def check_turbo_folder(sd_turbo: str) -> None:
+    """An SD-Turbo diffusers folder (or a hub id such as stabilityai/sd-turbo), before anything loads."""
+    _check_sd_folder(
+        sd_turbo, "SD-Turbo", "stabilityai/sd-turbo", ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+    )
 
 
 def _read_state_dict(folder: Path) -> dict[str, Any]:
@@ -146,68 +134,3 @@ def turbo_scheduler(sd_turbo: str):
 
     config = DDPMScheduler.load_config(sd_turbo, subfolder="scheduler")
     return DDPMScheduler.from_config(config)
-
-
-def convert_seesr_turbo(
-    sd_turbo: str,
-    seesr_dir: str | Path,
-    output_dir: str | Path,
-    dape: DAPEFiles | None = None,
-    dtype: str = "fp32",
-    overwrite: bool = False,
-) -> Path:
-    """Build and save a SeeSR-Turbo SeeSRPipeline folder (turbo's scheduler and defaults); returns ``output_dir``."""
-    import torch
-    from diffusers import AutoencoderKL
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    from pipelines.pipeline_seesr import SeeSRPipeline
-    from seesr.models.controlnet import SeeSRControlNetModel
-
-    seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
-    if dtype not in DTYPES:
-        raise ConversionError(f"dtype: expected one of {list(DTYPES)}, got {dtype!r}")
-    check_replaceable(output_dir, overwrite)
-    _check_turbo_folder(sd_turbo)
-    _check_seesr_folder(seesr_dir)
-    if dape is not None:
-        _check_dape_files(dape)
-    torch_dtype = getattr(torch, DTYPES[dtype])
-
-    unet, _ = assemble_turbo_unet(sd_turbo, seesr_dir, torch_dtype)
-    controlnet = SeeSRControlNetModel.from_pretrained(seesr_dir / "controlnet", torch_dtype=torch_dtype)
-    vae = AutoencoderKL.from_pretrained(sd_turbo, subfolder="vae", torch_dtype=torch_dtype)
-    text_encoder = CLIPTextModel.from_pretrained(sd_turbo, subfolder="text_encoder", torch_dtype=torch_dtype)
-    tokenizer = AutoTokenizer.from_pretrained(sd_turbo, subfolder="tokenizer")
-    if text_encoder.config.hidden_size != unet.config.cross_attention_dim:
-        raise ConversionError(
-            f"{sd_turbo}: the text encoder is {text_encoder.config.hidden_size} wide but the UNet expects "
-            f"{unet.config.cross_attention_dim}"
-        )
-    if controlnet.config.cross_attention_dim != unet.config.cross_attention_dim:
-        raise ConversionError(
-            f"{seesr_dir / 'controlnet'}: cross_attention_dim {controlnet.config.cross_attention_dim} does not match "
-            f"the SD-Turbo UNet's {unet.config.cross_attention_dim}"
-        )
-    prompt_extractor = None
-    if dape is not None:
-        prompt_extractor = _dape_model(dape)
-        width = prompt_extractor.image_proj.out_features
-        if width != unet.config.image_cross_attention_dim:
-            raise ConversionError(
-                f"{dape.ram}: DAPE tokens are {width} wide, the UNet expects {unet.config.image_cross_attention_dim}"
-            )
-    pipe = SeeSRPipeline(
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        controlnet,
-        turbo_scheduler(sd_turbo),
-        prompt_extractor=prompt_extractor,
-        sampling_defaults=TURBO_SAMPLING_DEFAULTS,
-        model_kind=TURBO_MODEL_KIND,
-    )
-    _stage_and_rename(output_dir, lambda folder: pipe.save_pretrained(folder, safe_serialization=True))
-    logger.info("wrote %s (SeeSR-Turbo)", output_dir)
-    return output_dir

@@ -43,12 +43,49 @@ RESIZE_MODES: tuple[str, ...] = ("area", "bilinear", "bicubic")
 MAX_KERNEL_SIZE = 21  # every kernel is zero-padded to this size so a batch convolves in one call
 
 
+_KERNEL_PROB = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+
+#: The keys of one degradation stage: name -> (type, first-stage default, second-stage default). The second stage's
+#: keys end in "2" (`kernel_list2`, ...), as in Real-ESRGAN's option files; `DegradationConfig` has both sets.
+STAGE_KEYS: dict[str, tuple[Any, Any, Any]] = {
+    "kernel_list": (tuple[str, ...], KERNEL_TYPES, KERNEL_TYPES),
+    "kernel_prob": (tuple[float, ...], _KERNEL_PROB, _KERNEL_PROB),
+    "kernel_size_range": (tuple[int, int], (7, 21), (7, 21)),
+    "sinc_prob": (float, 0.1, 0.1),
+    "blur_sigma": (tuple[float, float], (0.2, 3.0), (0.2, 1.5)),
+    "betag_range": (tuple[float, float], (0.5, 4.0), (0.5, 4.0)),
+    "betap_range": (tuple[float, float], (1.0, 2.0), (1.0, 2.0)),
+    "resize_prob": (tuple[float, float, float], (0.2, 0.7, 0.1), (0.3, 0.4, 0.3)),
+    "resize_range": (tuple[float, float], (0.15, 1.5), (0.3, 1.2)),
+    "gaussian_noise_prob": (float, 0.5, 0.5),
+    "noise_range": (tuple[float, float], (1.0, 30.0), (1.0, 25.0)),
+    "poisson_scale_range": (tuple[float, float], (0.05, 3.0), (0.05, 2.5)),
+    "gray_noise_prob": (float, 0.4, 0.4),
+    "jpeg_range": (tuple[float, float], (30.0, 95.0), (30.0, 95.0)),
+}
+
+
+def _stage_fields(stage: int) -> list[tuple[str, Any, Any]]:
+    suffix = "2" if stage else ""
+    return [(name + suffix, kind, dataclasses.field(default=row[stage])) for name, (kind, *row) in STAGE_KEYS.items()]
+
+
+#: The two stages' fields (`kernel_list`, ..., `second_blur_prob`, `kernel_list2`, ...), built from `STAGE_KEYS`.
+_StageFields = dataclasses.make_dataclass(
+    "_StageFields",
+    [*_stage_fields(0), ("second_blur_prob", float, dataclasses.field(default=0.8)), *_stage_fields(1)],
+)
+_StageFields.__module__ = __name__
+
+
 @dataclass
-class DegradationConfig:
+class DegradationConfig(_StageFields):
     """Parameters of the second-order degradation; defaults = Real-ESRGAN x4plus (SeeSR's training data).
 
-    Ranges are `(low, high)` with low <= high; probability lists sum to 1. `*2` keys are the second stage.
-    See docs/degradation.md for one line per key.
+    Ranges are `(low, high)` with low <= high; probability lists sum to 1. The keys of each blur / resize / noise /
+    JPEG stage are `STAGE_KEYS`, once for the first stage and once, ending in "2", for the second (e.g. `jpeg_range`,
+    `jpeg_range2`); `second_blur_prob` is the probability that the second stage blurs at all. See
+    docs/degradation.md for one line per key.
     """
 
     scale: int = 4
@@ -56,37 +93,6 @@ class DegradationConfig:
     usm_radius: int = 50
     usm_weight: float = 0.5
     usm_threshold: float = 10.0
-    # first stage
-    kernel_list: tuple[str, ...] = KERNEL_TYPES
-    kernel_prob: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
-    kernel_size_range: tuple[int, int] = (7, 21)
-    sinc_prob: float = 0.1
-    blur_sigma: tuple[float, float] = (0.2, 3.0)
-    betag_range: tuple[float, float] = (0.5, 4.0)
-    betap_range: tuple[float, float] = (1.0, 2.0)
-    resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)
-    resize_range: tuple[float, float] = (0.15, 1.5)
-    gaussian_noise_prob: float = 0.5
-    noise_range: tuple[float, float] = (1.0, 30.0)
-    poisson_scale_range: tuple[float, float] = (0.05, 3.0)
-    gray_noise_prob: float = 0.4
-    jpeg_range: tuple[float, float] = (30.0, 95.0)
-    # second stage
-    second_blur_prob: float = 0.8
-    kernel_list2: tuple[str, ...] = KERNEL_TYPES
-    kernel_prob2: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
-    kernel_size_range2: tuple[int, int] = (7, 21)
-    sinc_prob2: float = 0.1
-    blur_sigma2: tuple[float, float] = (0.2, 1.5)
-    betag_range2: tuple[float, float] = (0.5, 4.0)
-    betap_range2: tuple[float, float] = (1.0, 2.0)
-    resize_prob2: tuple[float, float, float] = (0.3, 0.4, 0.3)
-    resize_range2: tuple[float, float] = (0.3, 1.2)
-    gaussian_noise_prob2: float = 0.5
-    noise_range2: tuple[float, float] = (1.0, 25.0)
-    poisson_scale_range2: tuple[float, float] = (0.05, 2.5)
-    gray_noise_prob2: float = 0.4
-    jpeg_range2: tuple[float, float] = (30.0, 95.0)
     # final stage and output
     final_sinc_prob: float = 0.8
     final_kernel_size_range: tuple[int, int] = (7, 21)

@@ -16,7 +16,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401  (the pipel
 from torch import nn
 
 from .rca import add_rca, rca_kwargs
-from .unet import SeeSRUNet2DConditionModel, StrictLoadingMixin
+from .unet import SD_DOWN_BLOCK_TYPES, SeeSRUNet2DConditionModel, StrictLoadingMixin, stock_arguments
 
 _COPIED_FROM_UNET = (
     "conv_in",
@@ -39,12 +39,7 @@ class SeeSRControlNetModel(StrictLoadingMixin, ControlNetModel):
         conditioning_channels: int = 3,
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
-        down_block_types: tuple[str, ...] = (
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
+        down_block_types: tuple[str, ...] = SD_DOWN_BLOCK_TYPES,
         mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
         only_cross_attention: bool | tuple[bool] = False,
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
@@ -75,40 +70,7 @@ class SeeSRControlNetModel(StrictLoadingMixin, ControlNetModel):
         use_image_cross_attention: bool = True,
         image_cross_attention_dim: int = 512,
     ):
-        super().__init__(
-            in_channels=in_channels,
-            conditioning_channels=conditioning_channels,
-            flip_sin_to_cos=flip_sin_to_cos,
-            freq_shift=freq_shift,
-            down_block_types=down_block_types,
-            mid_block_type=mid_block_type,
-            only_cross_attention=only_cross_attention,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            downsample_padding=downsample_padding,
-            mid_block_scale_factor=mid_block_scale_factor,
-            act_fn=act_fn,
-            norm_num_groups=norm_num_groups,
-            norm_eps=norm_eps,
-            cross_attention_dim=cross_attention_dim,
-            transformer_layers_per_block=transformer_layers_per_block,
-            encoder_hid_dim=encoder_hid_dim,
-            encoder_hid_dim_type=encoder_hid_dim_type,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            use_linear_projection=use_linear_projection,
-            class_embed_type=class_embed_type,
-            addition_embed_type=addition_embed_type,
-            addition_time_embed_dim=addition_time_embed_dim,
-            num_class_embeds=num_class_embeds,
-            upcast_attention=upcast_attention,
-            resnet_time_scale_shift=resnet_time_scale_shift,
-            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
-            controlnet_conditioning_channel_order=controlnet_conditioning_channel_order,
-            conditioning_embedding_out_channels=conditioning_embedding_out_channels,
-            global_pool_conditions=global_pool_conditions,
-            addition_embed_type_num_heads=addition_embed_type_num_heads,
-        )
+        super().__init__(**stock_arguments(ControlNetModel, locals()))
         self.rca_modules = add_rca(self, image_cross_attention_dim) if use_image_cross_attention else []
 
     @classmethod

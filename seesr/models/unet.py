@@ -6,6 +6,7 @@ stock diffusers key names plus ``*.image_attentions.*``), strictly: a missing or
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from typing import Any
@@ -42,6 +43,21 @@ def check_loading_info(info: dict[str, list], name: str, source: str | os.PathLi
         )
 
 
+#: The down blocks of Stable Diffusion 1.x / 2.x: the default of the UNet and the ControlNet (as in diffusers).
+SD_DOWN_BLOCK_TYPES: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+
+
+def stock_arguments(stock_class: type, arguments: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``arguments`` (a subclass ``__init__``'s ``locals()``) that ``stock_class.__init__`` takes.
+
+    The SeeSR models declare every stock argument explicitly (their configs keep exactly these keys) and pass them
+    all on unchanged with this; their own RCA arguments are not stock ones and stay behind (tests/test_drift.py checks
+    that each signature is exactly the stock one plus the RCA arguments).
+    """
+    names = inspect.signature(stock_class.__init__).parameters
+    return {name: value for name, value in arguments.items() if name in names and name != "self"}
+
+
 class StrictLoadingMixin:
     """``from_pretrained`` that fails on any missing or unexpected key instead of initialising it randomly."""
 
@@ -72,12 +88,7 @@ class SeeSRUNet2DConditionModel(StrictLoadingMixin, UNet2DConditionModel):
         center_input_sample: bool = False,
         flip_sin_to_cos: bool = True,
         freq_shift: int = 0,
-        down_block_types: tuple[str, ...] = (
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
+        down_block_types: tuple[str, ...] = SD_DOWN_BLOCK_TYPES,
         mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
         up_block_types: tuple[str, ...] = (
             "UpBlock2D",
@@ -127,56 +138,7 @@ class SeeSRUNet2DConditionModel(StrictLoadingMixin, UNet2DConditionModel):
         use_image_cross_attention: bool = True,
         image_cross_attention_dim: int = 512,
     ):
-        super().__init__(
-            sample_size=sample_size,
-            in_channels=in_channels,
-            out_channels=out_channels,
-            center_input_sample=center_input_sample,
-            flip_sin_to_cos=flip_sin_to_cos,
-            freq_shift=freq_shift,
-            down_block_types=down_block_types,
-            mid_block_type=mid_block_type,
-            up_block_types=up_block_types,
-            only_cross_attention=only_cross_attention,
-            block_out_channels=block_out_channels,
-            layers_per_block=layers_per_block,
-            downsample_padding=downsample_padding,
-            mid_block_scale_factor=mid_block_scale_factor,
-            dropout=dropout,
-            act_fn=act_fn,
-            norm_num_groups=norm_num_groups,
-            norm_eps=norm_eps,
-            cross_attention_dim=cross_attention_dim,
-            transformer_layers_per_block=transformer_layers_per_block,
-            reverse_transformer_layers_per_block=reverse_transformer_layers_per_block,
-            encoder_hid_dim=encoder_hid_dim,
-            encoder_hid_dim_type=encoder_hid_dim_type,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            dual_cross_attention=dual_cross_attention,
-            use_linear_projection=use_linear_projection,
-            class_embed_type=class_embed_type,
-            addition_embed_type=addition_embed_type,
-            addition_time_embed_dim=addition_time_embed_dim,
-            num_class_embeds=num_class_embeds,
-            upcast_attention=upcast_attention,
-            resnet_time_scale_shift=resnet_time_scale_shift,
-            resnet_skip_time_act=resnet_skip_time_act,
-            resnet_out_scale_factor=resnet_out_scale_factor,
-            time_embedding_type=time_embedding_type,
-            time_embedding_dim=time_embedding_dim,
-            time_embedding_act_fn=time_embedding_act_fn,
-            timestep_post_act=timestep_post_act,
-            time_cond_proj_dim=time_cond_proj_dim,
-            conv_in_kernel=conv_in_kernel,
-            conv_out_kernel=conv_out_kernel,
-            projection_class_embeddings_input_dim=projection_class_embeddings_input_dim,
-            attention_type=attention_type,
-            class_embeddings_concat=class_embeddings_concat,
-            mid_block_only_cross_attention=mid_block_only_cross_attention,
-            cross_attention_norm=cross_attention_norm,
-            addition_embed_type_num_heads=addition_embed_type_num_heads,
-        )
+        super().__init__(**stock_arguments(UNet2DConditionModel, locals()))
         self.rca_modules = add_rca(self, image_cross_attention_dim) if use_image_cross_attention else []
 
     @classmethod
