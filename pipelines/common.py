@@ -221,6 +221,10 @@ class SRPipelineMixin:
     #: Memory layout of a one-image LQ batch: SeeSR keeps ToTensor's (H, W, C) strides (channels-last), OSEDiff a
     #: contiguous stack. Convolutions may round differently in the two layouts; each keeps its established outputs.
     contiguous_lq = False
+    #: Tiled VAE mode (:mod:`pipelines.vae_tiling`): True, GroupNorm statistics of the whole image (one window pass
+    #: per GroupNorm layer); False, the original's fast mode (statistics of the image shrunk to one window, one
+    #: pass: much faster, less close to the untiled VAE). Both use the same windows, so the same peak memory.
+    vae_tiling_exact = True
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """``DiffusionPipeline.save_pretrained`` plus a two-line loader file, so that the folder also loads with
@@ -285,7 +289,8 @@ class SRPipelineMixin:
             if vae_tile_size is not None and max(lq.shape[-2:]) > vae_tile_size:
                 # GroupNorm statistics of the whole image, one window's activations at a time (vae_tiling.py).
                 tile = vae_tile_size // self.vae_scale_factor * self.vae_scale_factor
-                posterior = tiled_encode(self.vae, lq, tile, unit_range=True)  # maps each window to [-1, 1]
+                # unit_range: each window is mapped to [-1, 1] (uint8: value / 255) on its own
+                posterior = tiled_encode(self.vae, lq, tile, exact=self.vae_tiling_exact, unit_range=True)
             elif self.encode_in_float32:
                 posterior = self.vae.encode((unit_float(lq) * 2 - 1).to(dtype)).latent_dist
             else:
@@ -300,5 +305,7 @@ class SRPipelineMixin:
         with _vae_in_dtype(self.vae, self._vae_dtype(upcast_vae)), lean_vae_resnets(self.vae):
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
             if vae_tile_size is not None and max(latents.shape[-2:]) * self.vae_scale_factor > vae_tile_size:
-                return tiled_decode(self.vae, latents, vae_tile_size // self.vae_scale_factor)
+                return tiled_decode(
+                    self.vae, latents, vae_tile_size // self.vae_scale_factor, exact=self.vae_tiling_exact
+                )
             return self.vae.decode(latents, return_dict=False)[0]
