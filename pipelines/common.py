@@ -240,6 +240,12 @@ class SRPipelineMixin:
             return list(image) if image.ndim == 4 else [image]
         return list(image)
 
+    def call_inputs(self, image: ImageInput, prompt: str | list[str], tensor_inputs: list[str] | None):
+        """A call's images as a list, one prompt per image, and the callback's tensor names (default latents)."""
+        images = self._as_list(image)
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        return images, prompts, tensor_inputs or ["latents"]
+
     @staticmethod
     def check_images_and_prompts(images: list, prompts: list) -> None:
         if not images:
