@@ -119,7 +119,9 @@ class LQBatch:
     def add_color_reference(self, method: str | None) -> None:
         """For ``method="adain"``: compute the reference's statistics now, from a transient float32 copy."""
         if method == "adain" and self.adain is None:
-            self.adain = adain_stats(self.unit(torch.float32))
+            # contiguous at once: the statistics flatten it, which would copy a channels-last batch a second time
+            pixels = self.pixels.to(memory_format=torch.contiguous_format)
+            self.adain = adain_stats(unit_float(pixels))
 
     def release(self, method: str | None):
         """What :func:`seesr.color.color_fix` needs for ``method`` (AdaIN's statistics; wavelet: the float32 image;
