@@ -468,6 +468,9 @@ def measure_memory(pipe, config: str, args, image_dim: int, preset: str | None =
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"memory run {config} {size}px failed:\n{proc.stdout}\n{proc.stderr}")
         results.append(json.loads(lines[-1][len(CHILD_MARK) :]))
+        done = results[-1]
+        print(f"  [{config} {preset or ''} {size} px: +{done['peak_mib']:.1f} MiB above the baseline, process peak "
+              f"{done['process_peak_mib']:.1f} MiB, {done['wall']:.0f} s]", flush=True)  # fmt: skip
     return results
 
 
