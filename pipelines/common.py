@@ -18,6 +18,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
+from torch import nn
 
 from seesr.color import adain_stats
 from seesr.conditioning import encode_prompt
@@ -118,7 +119,9 @@ class LQBatch:
     def add_color_reference(self, method: str | None) -> None:
         """For ``method="adain"``: compute the reference's statistics now, from a transient float32 copy."""
         if method == "adain" and self.adain is None:
-            self.adain = adain_stats(self.unit(torch.float32))
+            # contiguous at once: the statistics flatten it, which would copy a channels-last batch a second time
+            pixels = self.pixels.to(memory_format=torch.contiguous_format)
+            self.adain = adain_stats(unit_float(pixels))
 
     def release(self, method: str | None):
         """What :func:`seesr.color.color_fix` needs for ``method`` (AdaIN's statistics; wavelet: the float32 image;
@@ -147,6 +150,68 @@ class _vae_in_dtype:
             torch.nn.Module.to(self.vae, dtype=self.saved)
 
 
+def _canonical(x: torch.Tensor) -> bool:
+    """Whether ``x`` has the packed contiguous or channels-last strides that an out-of-place elementwise result would
+    get: then an in-place result has the layout (hence the next convolution's algorithm) of the stock one."""
+    if x.ndim != 4:
+        return False
+    _, c, h, w = x.shape
+    return x.stride() in ((c * h * w, h * w, w, 1), (h * w * c, 1, w * c, c))
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return F.silu(x, inplace=_canonical(x))
+
+
+def _lean_resnet_forward(block: nn.Module, original):
+    """``ResnetBlock2D.forward`` for the VAE's case (no time embedding, no resampling, output scale 1) with the
+    SiLUs and the residual add in place where the layout allows and without the division by 1: the same operations
+    on the same values (addition commutes exactly), without up to three full-size allocations per block. Other
+    calls take ``original``."""
+
+    def forward(input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        if temb is not None or args or kwargs or block.training:
+            return original(input_tensor, temb, *args, **kwargs)
+        hidden = _silu(block.norm1(input_tensor))  # the norms return new tensors
+        hidden = _silu(block.norm2(block.conv1(hidden)))
+        hidden = block.conv2(block.dropout(hidden))
+        shortcut = block.conv_shortcut(input_tensor) if block.conv_shortcut is not None else input_tensor
+        if hidden.stride() == shortcut.stride() and _canonical(hidden):
+            return hidden.add_(shortcut)
+        return shortcut + hidden  # the stock sum (its memory layout)
+
+    return forward
+
+
+class lean_vae_resnets:
+    """Inside the block, the VAE's ``ResnetBlock2D``s whose configuration allows it run
+    :func:`_lean_resnet_forward` (bitwise the same outputs; measured in docs/benchmarks.md)."""
+
+    def __init__(self, vae: nn.Module):
+        from diffusers.models.resnet import ResnetBlock2D
+
+        self.blocks = [
+            m
+            for m in vae.modules()
+            if type(m) is ResnetBlock2D
+            and m.upsample is None
+            and m.downsample is None
+            and m.time_emb_proj is None
+            and m.output_scale_factor == 1
+            and m.time_embedding_norm != "scale_shift"  # without temb: norm2 alone
+            and isinstance(m.nonlinearity, nn.SiLU)
+            and "forward" not in vars(m)
+        ]
+
+    def __enter__(self):
+        for block in self.blocks:
+            block.forward = _lean_resnet_forward(block, block.forward)
+
+    def __exit__(self, *exc):
+        for block in self.blocks:
+            del block.forward
+
+
 class SRPipelineMixin:
     """Methods shared by the SeeSR-family pipelines (mixed into a ``DiffusionPipeline`` with ``vae``,
     ``text_encoder``, ``tokenizer``, ``unet`` and an ``InstalledCodeLoaderMixin``)."""
@@ -158,6 +223,10 @@ class SRPipelineMixin:
     #: Memory layout of a one-image LQ batch: SeeSR keeps ToTensor's (H, W, C) strides (channels-last), OSEDiff a
     #: contiguous stack. Convolutions may round differently in the two layouts; each keeps its established outputs.
     contiguous_lq = False
+    #: Tiled VAE mode (:mod:`pipelines.vae_tiling`): True, GroupNorm statistics of the whole image (one window pass
+    #: per GroupNorm layer); False, the original's fast mode (statistics of the image shrunk to one window, one
+    #: pass: much faster, less close to the untiled VAE). Both use the same windows, so the same peak memory.
+    vae_tiling_exact = True
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
         """``DiffusionPipeline.save_pretrained`` plus a two-line loader file, so that the folder also loads with
@@ -172,6 +241,12 @@ class SRPipelineMixin:
         if isinstance(image, torch.Tensor):
             return list(image) if image.ndim == 4 else [image]
         return list(image)
+
+    def call_inputs(self, image: ImageInput, prompt: str | list[str], tensor_inputs: list[str] | None):
+        """A call's images as a list, one prompt per image, and the callback's tensor names (default latents)."""
+        images = self._as_list(image)
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
+        return images, prompts, tensor_inputs or ["latents"]
 
     @staticmethod
     def check_images_and_prompts(images: list, prompts: list) -> None:
@@ -218,11 +293,12 @@ class SRPipelineMixin:
         """Scaled VAE latents sampled (with ``generator``; None: torch's global RNG) from the LQ in [0, 1]
         (uint8 or float); above ``vae_tile_size`` pixels tiled with image-wide GroupNorm statistics."""
         dtype = self._vae_dtype(upcast_vae)
-        with _vae_in_dtype(self.vae, dtype):
+        with _vae_in_dtype(self.vae, dtype), lean_vae_resnets(self.vae):
             if vae_tile_size is not None and max(lq.shape[-2:]) > vae_tile_size:
                 # GroupNorm statistics of the whole image, one window's activations at a time (vae_tiling.py).
                 tile = vae_tile_size // self.vae_scale_factor * self.vae_scale_factor
-                posterior = tiled_encode(self.vae, lq, tile, unit_range=True)  # maps each window to [-1, 1]
+                # unit_range: each window is mapped to [-1, 1] (uint8: value / 255) on its own
+                posterior = tiled_encode(self.vae, lq, tile, exact=self.vae_tiling_exact, unit_range=True)
             elif self.encode_in_float32:
                 posterior = self.vae.encode((unit_float(lq) * 2 - 1).to(dtype)).latent_dist
             else:
@@ -234,8 +310,10 @@ class SRPipelineMixin:
     def vae_decode(self, latents: torch.Tensor, vae_tile_size: int | None, upcast_vae: bool) -> torch.Tensor:
         """The VAE decoder's output (about [-1, 1], in the VAE's dtype) for scaled ``latents``; above
         ``vae_tile_size`` pixels tiled with image-wide GroupNorm statistics."""
-        with _vae_in_dtype(self.vae, self._vae_dtype(upcast_vae)):
+        with _vae_in_dtype(self.vae, self._vae_dtype(upcast_vae)), lean_vae_resnets(self.vae):
             latents = latents.to(self.vae.dtype) / self.vae.config.scaling_factor
             if vae_tile_size is not None and max(latents.shape[-2:]) * self.vae_scale_factor > vae_tile_size:
-                return tiled_decode(self.vae, latents, vae_tile_size // self.vae_scale_factor)
+                return tiled_decode(
+                    self.vae, latents, vae_tile_size // self.vae_scale_factor, exact=self.vae_tiling_exact
+                )
             return self.vae.decode(latents, return_dict=False)[0]

@@ -114,14 +114,8 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
             raise ValueError(f"timestep: expected an int in [0, {len(scheduler.alphas_cumprod)}), got {timestep!r}")
         # Adapter-aware saving: the one-step classes carry their LoRA in saved folders (no state is added).
         unet, vae = as_onestep_model(unet), as_onestep_model(vae)
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            prompt_extractor=prompt_extractor,
-        )
+        models = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}
+        self.register_modules(**models, scheduler=scheduler, prompt_extractor=prompt_extractor)
         self.register_to_config(timestep=timestep)
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if fuse_lora:
@@ -256,9 +250,7 @@ class OSEDiffPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeli
             callback_on_step_end: ``fn(pipe, 0, 999, {"latents": x0})`` -> dict that may replace ``latents``.
         """
         # 1. Check inputs.
-        images = self._as_list(image)
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        images, prompts, tensor_inputs = self.call_inputs(image, prompt, callback_on_step_end_tensor_inputs)
         self.check_inputs(
             images,
             prompts,

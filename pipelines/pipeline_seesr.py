@@ -376,9 +376,7 @@ class SeeSRPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeline
         num_inference_steps = self.sampling_default("num_inference_steps", num_inference_steps)
         guidance_scale = self.sampling_default("guidance_scale", guidance_scale)
         latent_tile_overlap = self.sampling_default("latent_tile_overlap", latent_tile_overlap)
-        images = self._as_list(image)
-        prompts = [prompt] * len(images) if isinstance(prompt, str) else list(prompt)
-        tensor_inputs = callback_on_step_end_tensor_inputs or ["latents"]
+        images, prompts, tensor_inputs = self.call_inputs(image, prompt, callback_on_step_end_tensor_inputs)
         self.check_inputs(
             images,
             prompts,

@@ -279,6 +279,12 @@ def test_vae_tiling_aggregates_groupnorm_statistics(pipe):
     assert ours.shape == whole.shape == (1, 192, 256, 3)
     assert ours_diff.max() < 0.1 and ours_diff.mean() < 0.01, (ours_diff.max(), ours_diff.mean())
     assert theirs_diff.max() > 0.1 and theirs_diff.mean() > 0.01, (theirs_diff.max(), theirs_diff.mean())
+    pipe.vae_tiling_exact = False  # the original's fast mode: statistics of the image shrunk to one window
+    try:
+        fast = run(128)
+    finally:
+        pipe.vae_tiling_exact = True
+    assert fast.shape == whole.shape and np.isfinite(fast).all() and not np.array_equal(fast, ours)
 
 
 @pytest.mark.parametrize(

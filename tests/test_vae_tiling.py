@@ -172,3 +172,30 @@ def test_layers_restored_and_bad_input():
     with pytest.raises(RuntimeError, match="boom"), GroupNormAggregator(vae.decoder):
         raise RuntimeError("boom")
     assert all("forward" not in vars(m) for m in norms)
+
+
+def test_lean_resnets_are_bitwise_the_stock_blocks():
+    """pipelines.common.lean_vae_resnets (in-place SiLU / residual add, no division by 1) changes no bit: untiled and
+    tiled (odd window strides), contiguous and channels-last inputs, float32 and bfloat16; blocks restored after."""
+    from pipelines.common import lean_vae_resnets
+
+    vae = tiny_vae(0)
+    latents = smooth((1, 4, 20, 18), seed=12)
+    image = smooth((1, 3, 72, 64), seed=13).tanh().contiguous(memory_format=torch.channels_last)
+    calls = {
+        "decode": lambda: vae.decode(latents.to(vae.dtype)).sample,
+        "encode": lambda: vae.encode(image.to(vae.dtype)).latent_dist.mean,
+        "tiled decode": lambda: tiled_decode(vae, latents, tile_size=8),
+        "tiled encode": lambda: tiled_encode(vae, image, tile_size=32).mean,
+    }
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            vae.to(dtype)
+            for name, call in calls.items():
+                stock = call()
+                lean = lean_vae_resnets(vae)
+                assert len(lean.blocks) == 16  # all: 2 per level in the decoder, 1 in the encoder, 2 + 2 mid-block
+                with lean:
+                    assert all("forward" in vars(block) for block in lean.blocks)
+                    assert torch.equal(call(), stock), (name, dtype)
+                assert all("forward" not in vars(block) for block in lean.blocks)
