@@ -2,7 +2,7 @@
 
 No Stable Diffusion weights can be downloaded here, so the script first makes a *tiny base model* standing in for
 SD 2.1-base, whose VAE and UNet are pretrained: (1) a small VAE trained as an autoencoder on the training crops
-(seeded, 1500 steps; its log-variance starts small, as a trained VAE's is, so the posterior sample is not mostly
+(seeded, 2500 steps; its log-variance starts small, as a trained VAE's is, so the posterior sample is not mostly
 noise) and (2) a small UNet trained as a latent denoiser (all timesteps, as SD) on that VAE's latents, with a random
 CLIP text encoder (the prompts carry no information). Then the public entry point
 `accelerate launch train_osediff.py --config configs/osediff.yaml ...` fine-tunes it into a one-step SR model with
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 TRAIN_PHOTOS = ["astronaut.png", "chelsea.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg",
                 "retina.jpg", "ihc.png", "china.jpg"]  # fmt: skip
 HELD_OUT = ["coffee.png", "flower.jpg"]
-RESOLUTION = 32  # training crop side (LQ 8 px); held-out GT crops are 64 px (LQ 16 px)
+RESOLUTION = 32  # crop side of the base pre-training; one-step training crops are --resolution (default 64)
 HELD_OUT_SIZE = 64
 
 
@@ -65,8 +65,9 @@ def make_data(work: Path) -> tuple[Path, list[Path]]:
     held = [work / f"heldout-{seed}" for seed in range(3)]
     if listing.is_file() and all((folder / "lq").is_dir() for folder in held):
         return listing, held  # made by an earlier run (make-pairs is deterministic)
-    for seed in range(3):
-        make_pairs(train, work / f"train-{seed}", DegradationConfig(), seed=seed, resolution=256, progress=False)
+    for seed in range(3):  # the GT as it is (no USM): OSEDiff's targets, and what the held-out GT is
+        config = DegradationConfig(usm_sharpen_gt=False)
+        make_pairs(train, work / f"train-{seed}", config, seed=seed, resolution=256, progress=False)
     for seed, folder in enumerate(held):
         config = DegradationConfig(usm_sharpen_gt=False)
         names = [photo(n) for n in HELD_OUT]
@@ -237,7 +238,7 @@ def train(args, base: Path, listing: Path, out: Path) -> None:
     overrides = {
         "pretrained_model": base, "dape_model": "null", "neg_prompt": "''", "lora_rank": args.lora_rank,
         "timestep": args.timestep, "export_pkl": str(args.timestep == 999).lower(),
-        "data.train_data": listing, "data.resolution": RESOLUTION,
+        "data.train_data": listing, "data.resolution": args.resolution,
         "loss.lambda_lpips": 0, "loss.lpips_weights": "[]", "loss.lambda_vsd": args.lambda_vsd,
         "train.output_dir": out, "train.max_train_steps": args.steps, "train.train_batch_size": 4,
         "train.learning_rate": args.lr, "train.mixed_precision": "'no'", "train.report_to": "none",
@@ -254,8 +255,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/onestep-demo"))
     parser.add_argument("--steps", type=int, default=400, help="one-step training steps")
-    parser.add_argument("--base-steps", type=int, nargs=2, default=(1500, 400), help="VAE and UNet pre-training")
+    parser.add_argument("--base-steps", type=int, nargs=2, default=(2500, 400), help="VAE and UNet pre-training")
     parser.add_argument("--timestep", type=int, default=200, help="the generator's timestep (OSEDiff: 999)")
+    parser.add_argument("--resolution", type=int, default=64, help="one-step training crops (held-out: 64)")
     parser.add_argument("--lambda-vsd", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--lora-rank", type=int, default=4)
@@ -273,8 +275,8 @@ def main() -> None:
     if not (args.reuse_base and (base / "unet").is_dir()):
         base = make_base(args.work, files, *args.base_steps)
     base_time = time.time() - start
-    name = f"run-t{args.timestep}-r{args.lora_rank}-vsd{args.lambda_vsd:g}-lr{args.lr:g}-s{args.steps}"
-    out = args.work / name
+    name = f"t{args.timestep}-px{args.resolution}-r{args.lora_rank}-vsd{args.lambda_vsd:g}-lr{args.lr:g}-s{args.steps}"
+    out = args.work / f"run-{name}"
     train(args, base, listing, out)
     train_time = time.time() - start - base_time
     result = evaluate(out / "pipeline", base, held, args.timestep)

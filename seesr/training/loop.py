@@ -592,7 +592,7 @@ def finish_step(
     progress.set_postfix(loss=f"{values['loss']:.4f}")
     for key in loss_keys:
         if not math.isfinite(values[key]):
-            raise RuntimeError(f"step {step}: the {'loss' if key == 'loss' else key} is not finite ({values[key]})")
+            raise RuntimeError(f"step {step}: the {key} is not finite ({values[key]})")
     if step % args.checkpointing_steps == 0 or step == args.max_train_steps:
         save_checkpoint(accelerator, args.output_dir, step, args.checkpoints_total_limit)
 

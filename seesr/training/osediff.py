@@ -325,8 +325,9 @@ def fake_score_loss(parts: OSEDiffParts, fake_score, latents, embeds, generator)
 
 @torch.no_grad()
 def prepare_batch(parts: OSEDiffParts, batch: dict[str, Any], cfg: OSEDiffTrainConfig, generator) -> dict[str, Any]:
-    """Degrade the HR crops, make the prompts (DAPE tags of the LQ, else tag files, else ""; dropped to "" with
-    ``null_text_ratio``) and embed them. Returns gt / lq in [-1, 1], lq01 in [0, 1], embeds, neg_embeds."""
+    """Degrade the HR crops, make the prompts as OSEDiffPipeline does (``"{tags}, ,"`` from DAPE tags of the LQ, else
+    tag files; ``","`` without tags or when ``null_text_ratio`` drops them) and embed them. Returns gt / lq in
+    [-1, 1], lq01 in [0, 1], embeds, neg_embeds."""
     from seesr.conditioning import compose_prompt, encode_prompt
 
     gt = batch["gt"]
@@ -337,8 +338,8 @@ def prepare_batch(parts: OSEDiffParts, batch: dict[str, Any], cfg: OSEDiffTrainC
         logits = parts.dape(parts.dape.preprocess(lq01.to(parts.dape.dtype))).logits
         tags = parts.dape.tags(logits=logits)
     drop = torch.rand(len(tags), generator=generator, device=generator.device).tolist()
+    # no tags (none available, or dropped): "," = what OSEDiffPipeline feeds for no tags and an empty prompt
     prompts = [compose_prompt(None if d < cfg.null_text_ratio or t is None else t, "", "") for d, t in zip(drop, tags)]
-    prompts = ["" if p == "," else p for p in prompts]
     embeds = encode_prompt(parts.tokenizer, parts.text_encoder, prompts, gt.device).float()
     neg_embeds = encode_prompt(parts.tokenizer, parts.text_encoder, [cfg.neg_prompt] * len(gt), gt.device).float()
     return {"gt": out.gt * 2 - 1, "lq": lq01 * 2 - 1, "lq01": lq01, "embeds": embeds, "neg_embeds": neg_embeds,
