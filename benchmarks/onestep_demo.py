@@ -6,8 +6,8 @@ SD 2.1-base, whose VAE and UNet are pretrained: (1) a small VAE trained as an au
 noise) and (2) a small UNet trained as a latent denoiser (all timesteps, as SD) on that VAE's latents, with a random
 CLIP text encoder (the prompts carry no information). Then the public entry point
 `accelerate launch train_osediff.py --config configs/osediff.yaml ...` fine-tunes it into a one-step SR model with
-the recipe (LoRA on the VAE encoder and the UNet, conv_in, MSE + VSD with a LoRA fake score; LPIPS off: no
-VGG/LPIPS weights ship in any package), and the exported folder is evaluated with the real `OSEDiffPipeline` on
+the recipe (LoRA on the VAE encoder and the UNet, conv_in, MSE; `--lambda-vsd 1` adds the recipe's VSD with a LoRA
+fake score, which hurts on this base; LPIPS off: no VGG/LPIPS weights ship in any package), and the exported folder is evaluated with the real `OSEDiffPipeline` on
 held-out photos against bicubic upscaling and against the frozen VAE's own reconstruction of the GT (the ceiling:
 OSEDiff never trains the decoder).
 
@@ -260,7 +260,7 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, nargs=2, default=(2500, 400), help="VAE and UNet pre-training")
     parser.add_argument("--timestep", type=int, default=200, help="the generator's timestep (OSEDiff: 999)")
     parser.add_argument("--resolution", type=int, default=64, help="one-step training crops (held-out: 64)")
-    parser.add_argument("--lambda-vsd", type=float, default=1.0)
+    parser.add_argument("--lambda-vsd", type=float, default=0.0, help="VSD weight (the recipe: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--lora-rank", type=int, default=4)
     parser.add_argument("--lr", type=float, default=1e-4)
