@@ -7,9 +7,9 @@ noise) and (2) a small UNet trained as a latent denoiser (all timesteps, as SD) 
 CLIP text encoder (the prompts carry no information). Then the public entry point
 `accelerate launch train_osediff.py --config configs/osediff.yaml ...` fine-tunes it into a one-step SR model with
 the recipe (LoRA on the VAE encoder and the UNet, conv_in, MSE; `--lambda-vsd 1` adds the recipe's VSD with a LoRA
-fake score, which hurts on this base; LPIPS off: no VGG/LPIPS weights ship in any package), and the exported folder is evaluated with the real `OSEDiffPipeline` on
-held-out photos against bicubic upscaling and against the frozen VAE's own reconstruction of the GT (the ceiling:
-OSEDiff never trains the decoder).
+fake score, which hurts on this base; LPIPS off: no VGG/LPIPS weights ship in any package), and the exported
+folder is evaluated with the real `OSEDiffPipeline` on held-out photos against bicubic upscaling and against the
+frozen VAE's own reconstruction of the GT (the ceiling: OSEDiff never trains the decoder).
 
 The generator runs at `--timestep` (default 200, the trainer's `timestep` key; OSEDiff's 999 is `--timestep 999`):
 at t=999 the one step x0 = (z - 0.9977 eps) / 0.0683 multiplies every error of the UNet by 14.6, and a tiny UNet
