@@ -6,10 +6,10 @@ SD 2.1-base, whose VAE and UNet are pretrained: (1) a small VAE trained as an au
 noise) and (2) a small UNet trained as a latent denoiser (all timesteps, as SD) on that VAE's latents, with a random
 CLIP text encoder (the prompts carry no information). Then the public entry point
 `accelerate launch train_osediff.py --config configs/osediff.yaml ...` fine-tunes it into a one-step SR model with
-the recipe (LoRA on the VAE encoder and the UNet, conv_in, MSE + VSD with a LoRA fake score; LPIPS off: no
-VGG/LPIPS weights ship in any package), and the exported folder is evaluated with the real `OSEDiffPipeline` on
-held-out photos against bicubic upscaling and against the frozen VAE's own reconstruction of the GT (the ceiling:
-OSEDiff never trains the decoder).
+the recipe (LoRA on the VAE encoder and the UNet, conv_in, MSE; `--lambda-vsd 1` adds the recipe's VSD with a LoRA
+fake score, which hurts on this base; LPIPS off: no VGG/LPIPS weights ship in any package), and the exported
+folder is evaluated with the real `OSEDiffPipeline` on held-out photos against bicubic upscaling and against the
+frozen VAE's own reconstruction of the GT (the ceiling: OSEDiff never trains the decoder).
 
 The generator runs at `--timestep` (default 200, the trainer's `timestep` key; OSEDiff's 999 is `--timestep 999`):
 at t=999 the one step x0 = (z - 0.9977 eps) / 0.0683 multiplies every error of the UNet by 14.6, and a tiny UNet
@@ -43,6 +43,7 @@ TRAIN_PHOTOS = ["astronaut.png", "chelsea.png", "rocket.jpg", "motorcycle_left.p
 HELD_OUT = ["coffee.png", "flower.jpg"]
 RESOLUTION = 32  # crop side of the base pre-training; one-step training crops are --resolution (default 64)
 HELD_OUT_SIZE = 64
+HELD_OUT_SEEDS = 8  # 8 random crops of each held-out photo: 16 (LQ, GT) pairs
 
 
 def photo(name: str) -> Path:
@@ -56,23 +57,24 @@ def photo(name: str) -> Path:
 
 
 def make_data(work: Path) -> tuple[Path, list[Path]]:
-    """Training GT crops (`make-pairs`, 256 px, one per photo and seed) and held-out (lq, gt) pair folders."""
+    """Training GT crops (`make-pairs`, 256 px, one per photo and seed) and held-out (lq, gt) pair folders (64 px GT,
+    one crop per held-out photo and seed). Folders made by an earlier run are reused (make-pairs is deterministic)."""
     from seesr.data.degradation import DegradationConfig
     from seesr.data.pairs import make_pairs
 
-    train = [photo(n) for n in TRAIN_PHOTOS]
+    config = DegradationConfig(usm_sharpen_gt=False)  # the GT as it is: OSEDiff's targets, and the held-out GT
     listing = work / "train.txt"
-    held = [work / f"heldout-{seed}" for seed in range(3)]
-    if listing.is_file() and all((folder / "lq").is_dir() for folder in held):
-        return listing, held  # made by an earlier run (make-pairs is deterministic)
-    for seed in range(3):  # the GT as it is (no USM): OSEDiff's targets, and what the held-out GT is
-        config = DegradationConfig(usm_sharpen_gt=False)
-        make_pairs(train, work / f"train-{seed}", config, seed=seed, resolution=256, progress=False)
+    if not listing.is_file():
+        for seed in range(3):
+            make_pairs([photo(n) for n in TRAIN_PHOTOS], work / f"train-{seed}", config, seed=seed, resolution=256,
+                       progress=False)  # fmt: skip
+        files = [p for s in range(3) for p in sorted((work / f"train-{s}" / "gt").glob("*"))]
+        listing.write_text("\n".join(str(p) for p in files))
+    held = [work / f"heldout-{seed}" for seed in range(HELD_OUT_SEEDS)]
     for seed, folder in enumerate(held):
-        config = DegradationConfig(usm_sharpen_gt=False)
-        names = [photo(n) for n in HELD_OUT]
-        make_pairs(names, folder, config, seed=100 + seed, resolution=HELD_OUT_SIZE, progress=False)
-    listing.write_text("\n".join(str(p) for s in range(3) for p in sorted((work / f"train-{s}" / "gt").glob("*"))))
+        if not (folder / "lq").is_dir():
+            names = [photo(n) for n in HELD_OUT]
+            make_pairs(names, folder, config, seed=100 + seed, resolution=HELD_OUT_SIZE, progress=False)
     return listing, held
 
 
@@ -215,7 +217,7 @@ def evaluate(pipeline_dir: Path, base: Path, held: list[Path], timestep: int) ->
     rows = []
     for name, gt, lq in held_out_pairs(held):
         row = {"image": name, "bicubic": y_psnr(np.asarray(lq.resize(gt.shape[1::-1], Image.BICUBIC)), gt)}
-        row["vae_ceiling"] = y_psnr(vae_reconstruction(trained.vae, gt), gt)
+        row["vae_ceiling"] = y_psnr(vae_reconstruction(untrained.vae, gt), gt)
         for key, pipe in (("untrained", untrained), ("onestep", trained)):
             pipe.set_progress_bar_config(disable=True)
             out = pipe(image=lq, upscale=4, process_size=HELD_OUT_SIZE, generator=torch.Generator().manual_seed(0),
@@ -254,15 +256,16 @@ def train(args, base: Path, listing: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/onestep-demo"))
-    parser.add_argument("--steps", type=int, default=400, help="one-step training steps")
+    parser.add_argument("--steps", type=int, default=300, help="one-step training steps")
     parser.add_argument("--base-steps", type=int, nargs=2, default=(2500, 400), help="VAE and UNet pre-training")
     parser.add_argument("--timestep", type=int, default=200, help="the generator's timestep (OSEDiff: 999)")
     parser.add_argument("--resolution", type=int, default=64, help="one-step training crops (held-out: 64)")
-    parser.add_argument("--lambda-vsd", type=float, default=1.0)
+    parser.add_argument("--lambda-vsd", type=float, default=0.0, help="VSD weight (the recipe: 1)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--lora-rank", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--reuse-base", action="store_true", help="keep WORK/tiny-sd from an earlier run")
+    parser.add_argument("--evaluate-only", action="store_true", help="evaluate the run's existing export again")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for noisy in ("diffusers", "transformers", "accelerate", "peft"):
@@ -277,8 +280,11 @@ def main() -> None:
     base_time = time.time() - start
     name = f"t{args.timestep}-px{args.resolution}-r{args.lora_rank}-vsd{args.lambda_vsd:g}-lr{args.lr:g}-s{args.steps}"
     out = args.work / f"run-{name}"
-    train(args, base, listing, out)
+    if not args.evaluate_only:
+        train(args, base, listing, out)
     train_time = time.time() - start - base_time
+    if args.evaluate_only and (out / "result.json").is_file():  # keep the measured training time
+        train_time = json.loads((out / "result.json").read_text())["train_minutes"] * 60
     result = evaluate(out / "pipeline", base, held, args.timestep)
     result |= {"base_minutes": base_time / 60, "train_minutes": train_time / 60, "steps": args.steps}
     result |= {"timestep": args.timestep, "lora_rank": args.lora_rank, "lambda_vsd": args.lambda_vsd,
