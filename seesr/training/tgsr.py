@@ -153,8 +153,6 @@ class TGSRTrainConfig:
         unknown = sorted(set(self.model) - MODEL_ARGS)
         if unknown:
             raise ValueError(f"model: unknown keys {unknown}; expected TGSRModel arguments {sorted(MODEL_ARGS)}")
-        if self.pretrained_model is not None and self.model:
-            raise ValueError("model: set either pretrained_model or model settings, not both")
         factors = self.model.get("upscale_factors")
         if factors is not None and set(self.data.upscale_factors) - set(factors):
             raise ValueError(
@@ -335,6 +333,8 @@ def build_model(cfg: TGSRTrainConfig, text_dim: int) -> TGSRModel:
         model = TGSRModel.from_pretrained(cfg.pretrained_model)
         if model.config.text_dim != text_dim:
             raise ValueError(f"pretrained_model text_dim={model.config.text_dim} != the text encoder's {text_dim}")
+        if cfg.model:
+            model = extend_model(model, cfg.model)
     else:
         model = TGSRModel(
             text_dim=text_dim, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
@@ -342,6 +342,26 @@ def build_model(cfg: TGSRTrainConfig, text_dim: int) -> TGSRModel:
     for factor in cfg.data.upscale_factors:
         model.check_upscale(factor)
     return model
+
+
+def extend_model(model: TGSRModel, overrides: dict[str, Any]) -> TGSRModel:
+    """`model` rebuilt with the `model:` settings `overrides` and its weights copied over: settings that only ADD
+    modules (e.g. `text_fusion: all` and `text_concepts` on a `both` model) give a model that starts exactly as
+    `model` (new text paths start at zero); a setting that drops or reshapes a trained weight is an error."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    config.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    extended = TGSRModel(**config)
+    state = model.state_dict()
+    target = extended.state_dict()
+    dropped = sorted(k for k in state if k not in target or target[k].shape != state[k].shape)
+    if dropped:
+        raise ValueError(
+            f"model: {overrides} on pretrained_model would drop or reshape its trained weights ({dropped[:4]}"
+            f"{' ...' if len(dropped) > 4 else ''}); only settings that add modules can be combined with it"
+        )
+    missing = extended.load_state_dict(state, strict=False).missing_keys
+    logger.info("pretrained_model extended with %s: %d new tensors (%s ...)", overrides, len(missing), missing[:3])
+    return extended
 
 
 def export_pipeline(model: TGSRModel, text_encoder, tokenizer, cfg: TGSRTrainConfig) -> Path:
