@@ -341,21 +341,17 @@ class TGSRModel(ModelMixin, ConfigMixin):
         attention_heads: int = 4,
         sentence_channels: int = 16,
         text_normalization: str = "l2",
-        text_concepts: int = 0,
-        concept_temperature: float = 0.1,
         text_projection: int = 0,
     ):
         super().__init__()
         self._validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion)
         if text_normalization not in TEXT_NORMALIZATIONS:
             raise ValueError(f"text_normalization: got {text_normalization!r}, expected one of {TEXT_NORMALIZATIONS}")
-        if text_concepts < 0 or text_concepts == 1 or concept_temperature <= 0:
+        if text_projection < 0 or (text_projection and "film" not in text_fusion and text_fusion != "all"):
             raise ValueError(
-                f"text_concepts={text_concepts}, concept_temperature={concept_temperature}: expected 0 (off) or "
-                ">= 2 concepts and a temperature > 0"
+                f"text_projection={text_projection}: expected >= 0, and > 0 only with a FiLM text_fusion "
+                f"(film, film_attention, all), got {text_fusion!r}"
             )
-        if text_concepts and "film" not in text_fusion and text_fusion != "all":
-            raise ValueError(f"text_concepts={text_concepts} feeds FiLM: text_fusion {text_fusion!r} has no FiLM")
         for name, width in [("block_out_channels", c) for c in block_out_channels] + [
             ("upsample_channels", upsample_channels),
             ("detail_channels", detail_channels),
@@ -369,13 +365,14 @@ class TGSRModel(ModelMixin, ConfigMixin):
             )
 
         if text_projection:
-            self.text_projection = nn.Linear(text_dim, text_projection)
-        if text_concepts:
-            # the sentence feature reaches the fusions only as a soft choice among a few learned concepts: a
-            # cosine-prototype classifier on its direction (what a sentence encoder makes similar for similar
-            # meanings), so unseen phrasings are read by their nearest concept, not by the exact words
-            self.concept_keys = nn.Parameter(torch.randn(text_concepts, text_dim))
-            self.concept_values = nn.Parameter(torch.randn(text_concepts, text_dim))
+            # FiLM reads the direction of a shared linear projection of the sentence feature; a small image
+            # encoder maps HR detail into the same space for the text-image agreement loss of training
+            self.text_projector = nn.Linear(text_dim, text_projection)
+            self.image_embedder = nn.Sequential(
+                nn.Conv2d(3, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(64, text_projection),
+            )  # fmt: skip
         widths = list(block_out_channels)
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
@@ -479,24 +476,36 @@ class TGSRModel(ModelMixin, ConfigMixin):
         self, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
         """The text features as the fusions see them, in the model's dtype: `(token_embeds, token_mask, pooled,
-        film_text)` after `text_normalization`; `film_text` is the concept mixture (None without `text_concepts`:
-        FiLM then reads `pooled`)."""
+        film_text)` after `text_normalization`; `film_text` is the unit direction of the text projection times
+        `sqrt(text_projection)` (None without `text_projection`: FiLM then reads `pooled`)."""
         if self.config.text_normalization == "l2":
             token_embeds = F.layer_norm(token_embeds.float(), token_embeds.shape[-1:])
             pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
         film_text = None
-        if self.config.text_concepts:
-            film_text = (self.concept_weights(pooled) @ self.concept_values.float()).to(self.dtype)
-        elif self.config.text_projection:
-            projected = self.text_projection(pooled.to(self.dtype)).float()
-            film_text = (F.normalize(projected, dim=-1) * projected.shape[-1] ** 0.5).to(self.dtype)
+        if self.config.text_projection:
+            film_text = (self._project_text(pooled) * self.config.text_projection**0.5).to(self.dtype)
         return token_embeds.to(self.dtype), token_mask, pooled.to(self.dtype), film_text
 
-    def concept_weights(self, pooled: torch.Tensor) -> torch.Tensor:
-        """`(batch, text_concepts)`: softmax of the cosine similarities of the sentence feature to the concept keys
-        over `concept_temperature` (only with `text_concepts` > 0)."""
-        similarity = F.normalize(pooled.float(), dim=-1) @ F.normalize(self.concept_keys.float(), dim=-1).T
-        return torch.softmax(similarity / self.config.concept_temperature, dim=-1)
+    def _project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_projector(pooled.to(self.dtype)).float(), dim=-1)
+
+    def text_embedding(self, pooled_text_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, text_projection)` unit vectors: the direction FiLM reads (needs `text_projection` > 0)."""
+        if not self.config.text_projection:
+            raise ValueError("text_embedding needs a model with text_projection > 0")
+        pooled = pooled_text_embeds
+        if self.config.text_normalization == "l2":
+            pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
+        return self._project_text(pooled)
+
+    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """`(batch, text_projection)` unit vectors from the fine detail of `image` (`[0, 1]` RGB, any size): the
+        image minus its 5x5 local mean, so the background colour does not matter (needs `text_projection`)."""
+        if not self.config.text_projection:
+            raise ValueError("image_embedding needs a model with text_projection > 0")
+        image = image.to(self.dtype)
+        detail = image - F.avg_pool2d(image, 5, 1, 2, count_include_pad=False)
+        return F.normalize(self.image_embedder(detail * 10).float(), dim=-1)
 
     def _unet(self, x: torch.Tensor, text: tuple) -> torch.Tensor:
         hidden = self.conv_in(x)
