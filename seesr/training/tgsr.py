@@ -365,6 +365,11 @@ def build_model(cfg: TGSRTrainConfig, text_dim: int) -> TGSRModel:
         )
     for factor in cfg.data.upscale_factors:
         model.check_upscale(factor)
+    if cfg.loss.agreement_weight > 0 and not model.config.text_projection:
+        raise ValueError(
+            f"loss.agreement_weight={cfg.loss.agreement_weight} needs a model with text_projection > 0 "
+            "(model.text_projection, with a film text_fusion)"
+        )
     return model
 
 
