@@ -70,6 +70,8 @@ def tiny_overrides(tmp_path: Path, text_encoder: Path, data: Path, steps: int) -
         (["data.caption_dropout=2"], "caption_dropout"),
         (["data.train_data="], "train_data"),
         (["loss.content_loss=l3"], "content_loss"),
+        (["loss.agreement_temperature=0"], "agreement_temperature"),
+        (["loss.agreement_weight=-1"], "agreement_weight"),
     ],
 )
 def test_bad_configs_fail_at_load(overrides, match):
@@ -303,6 +305,10 @@ def test_pretrained_model_extended_with_a_film_path_starts_unchanged(tmp_path):
                       "data.upscale_factors=[2,4]", "model.detail_channels=16"])  # fmt: skip
     with pytest.raises(ValueError, match="reshape"):
         build_model(bad, text_dim=32)
+    no_projection = load_config(TGSRTrainConfig, None, ["data.train_data=x", "data.upscale_factors=[2,4]",
+                                "model.upscale_factors=[2,4]", "loss.agreement_weight=0.1"])  # fmt: skip
+    with pytest.raises(ValueError, match="text_projection"):
+        build_model(no_projection, text_dim=32)
 
 
 def test_agreement_loss_trains_the_text_projection_towards_the_images():
