@@ -325,6 +325,9 @@ class TGSRModel(ModelMixin, ConfigMixin):
             direction is what sentence encoders are trained to make meaningful) and layer-normalises each token
             feature (no affine), so the network sees features of one scale whatever the encoder; "none" uses
             them as the encoder returns them (configs saved before this option existed load as "none").
+        text_projection: 0 (FiLM reads the sentence feature) or the width of one shared linear projection of it
+            whose unit direction FiLM reads instead; such a model also has `image_embedding` (a small encoder of
+            the image's fine detail into the same space) for the text-image agreement loss of training.
     """
 
     @register_to_config
