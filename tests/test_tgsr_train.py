@@ -70,6 +70,8 @@ def tiny_overrides(tmp_path: Path, text_encoder: Path, data: Path, steps: int) -
         (["data.caption_dropout=2"], "caption_dropout"),
         (["data.train_data="], "train_data"),
         (["loss.content_loss=l3"], "content_loss"),
+        (["loss.agreement_temperature=0"], "agreement_temperature"),
+        (["loss.agreement_weight=-1"], "agreement_weight"),
     ],
 )
 def test_bad_configs_fail_at_load(overrides, match):
@@ -279,3 +281,60 @@ def test_text_feature_cache_keeps_a_bounded_number_of_captions(tmp_path):
     again = cache(["a red bird", "a cat"], torch.device("cpu"))  # recomputed identically
     for a, b in zip(full, again):
         torch.testing.assert_close(a, b)
+
+
+def test_pretrained_model_extended_with_a_film_path_starts_unchanged(tmp_path):
+    """`pretrained_model` + `model.text_fusion=all`: the old weights are kept, the new FiLM path starts at zero
+    (same outputs), and a setting that would reshape a trained weight is refused."""
+    from seesr.training.tgsr import build_model
+
+    old = tiny_model(upscale_factors=(2, 4))
+    old.save_pretrained(tmp_path / "old")
+    cfg = load_config(TGSRTrainConfig, None, [f"pretrained_model={tmp_path / 'old'}", "data.train_data=x",
+                      "data.upscale_factors=[2,4]", "model.text_fusion=all", "model.text_projection=4"])  # fmt: skip
+    model = build_model(cfg, text_dim=32).eval()
+    assert model.config.text_fusion == "all" and list(model.config.block_out_channels) == [8, 16]
+    new = {k for k in model.state_dict()} - set(old.state_dict())
+    assert new and all("film" in k or "text_projector" in k or "image_embedder" in k for k in new)
+    lq, tokens, pooled = torch.rand(2, 3, 8, 8), torch.randn(2, 5, 32), torch.randn(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(lq, tokens, pooled, upscale=4).sample, old(lq, tokens, pooled, upscale=4).sample
+        )
+    bad = load_config(TGSRTrainConfig, None, [f"pretrained_model={tmp_path / 'old'}", "data.train_data=x",
+                      "data.upscale_factors=[2,4]", "model.detail_channels=16"])  # fmt: skip
+    with pytest.raises(ValueError, match="reshape"):
+        build_model(bad, text_dim=32)
+    no_projection = load_config(TGSRTrainConfig, None, ["data.train_data=x", "data.upscale_factors=[2,4]",
+                                "model.upscale_factors=[2,4]", "loss.agreement_weight=0.1"])  # fmt: skip
+    with pytest.raises(ValueError, match="text_projection"):
+        build_model(no_projection, text_dim=32)
+
+
+def test_agreement_loss_trains_the_text_projection_towards_the_images():
+    """The text-image agreement loss is lower for matching (caption, image) pairs than for swapped ones, reaches
+    only the projection and the image embedder, and a few steps of it raise the matching similarities."""
+    from seesr.training.tgsr import agreement_loss
+
+    model = tiny_model(perturb=False, text_fusion="film", text_projection=4).train()
+    pooled = torch.randn(4, 32)
+    y, x = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    patterns = [(x % 2), (y % 2), ((x + y) % 4 < 2), (x % 4 == 0) & (y % 4 == 0)]
+    images = torch.stack([0.4 + 0.3 * p.float().expand(3, 16, 16) for p in patterns])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = agreement_loss(model, pooled, images, 0.1)
+    for _ in range(30):
+        optimizer.zero_grad()
+        loss = agreement_loss(model, pooled, images, 0.1)
+        loss.backward()
+        touched = {
+            n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+        }
+        assert touched == {"text_projector", "image_embedder"}
+        optimizer.step()
+    assert loss.item() < 0.5 * first.item()
+    with torch.no_grad():
+        similarity = model.text_embedding(pooled) @ model.image_embedding(images).T
+    assert (similarity.argmax(1) == torch.arange(4)).all()
+    swapped = agreement_loss(model, pooled.flip(0), images, 0.1)
+    assert swapped.item() > loss.item()

