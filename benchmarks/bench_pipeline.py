@@ -14,6 +14,9 @@ measured in one run:
    /proc/self/clear_refs, so that model-building transients do not hide small runs). Target: peak(largest) /
    peak(smallest) within 1.3x (issue #12). CPU children run with a fixed glibc mmap threshold (--allocator-default).
 
+``--presets quality,fast,turbo,onestep`` measures the memory of each preset's own pipeline and settings instead
+(``apply_preset``; onestep is an ``OSEDiffPipeline``): docs/benchmarks.md, "Peak memory of every preset".
+
 Defaults fit two shared CPU cores in about five minutes: memory at 512 and 1024 px with one step (2048 px has 16
 latent tiles per step, minutes each on CPU). The full set, e.g. on a GPU:
 

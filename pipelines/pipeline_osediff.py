@@ -14,7 +14,8 @@ Reproduces the original ``test_osediff.py`` + ``OSEDiff_test.forward`` (see docs
    result matches it pixel for pixel.
 
 Large inputs: latent tiling with Gaussian blending above ``latent_tile_size**2`` latent pixels (original: 96 / 32,
-no CFG) and VAE tiling above ``vae_tile_size`` pixels, so memory stays flat in the image size.
+no CFG) and VAE tiling above ``vae_tile_size`` pixels with image-wide GroupNorm statistics
+(:mod:`pipelines.vae_tiling`, as the original's tiled VAE), so memory stays flat in the image size.
 """
 
 from __future__ import annotations

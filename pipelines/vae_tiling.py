@@ -315,8 +315,11 @@ def _downsampled(x: torch.Tensor, tile: int, align: int) -> torch.Tensor:
     height, width = x.shape[-2:]
     factor = tile / max(height, width)
     size = tuple(max(align, int(side * factor) // align * align) for side in (height, width))
-    small = F.interpolate(unit_float(x) if x.dtype == torch.uint8 else x.float(), size=size, mode="area")
-    return small.to(x.dtype) if x.is_floating_point() else small
+    if x.is_floating_point():
+        return F.interpolate(x.float(), size=size, mode="area").to(x.dtype)
+    # uint8: one channel at a time, so that no full-size float copy exists (area averaging is per channel)
+    channels = [F.interpolate(unit_float(x[:, c : c + 1]), size=size, mode="area") for c in range(x.shape[1])]
+    return torch.cat(channels, dim=1)
 
 
 @torch.no_grad()

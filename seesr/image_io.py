@@ -346,7 +346,8 @@ def pil_to_uint8(image: Image.Image) -> torch.Tensor:
     quarter of its memory; :func:`unit_float` gives the same float values later, e.g. per tile)."""
     import torch
 
-    return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    rgb = image if image.mode == "RGB" else image.convert("RGB")  # convert() would copy an RGB image too
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def unit_float(image: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
