@@ -369,6 +369,35 @@ def channels_last_check(pipe, dtype: torch.dtype, repeats: int) -> dict:
 
 
 @torch.no_grad()
+def lean_vae_check(pipe, repeats: int, side: int = OUTPUT) -> dict:
+    """VAE decode + encode at ``side`` px, stock resnet blocks vs ``pipelines.common.lean_vae_resnets``, alternating
+    (median of ``repeats`` each, after a warm-up); and whether the outputs are bitwise equal."""
+    from pipelines.common import lean_vae_resnets
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, side // 8, side // 8, generator=generator).to(pipe.vae.dtype)
+    image = (torch.rand(1, 3, side, side, generator=generator) * 2 - 1).to(pipe.vae.dtype)
+
+    def call():
+        return pipe.vae.decode(latents).sample, pipe.vae.encode(image).latent_dist.mean
+
+    call()
+    times, outputs = {"stock": [], "lean": []}, {}
+    for _ in range(repeats):
+        for mode in times:
+            with lean_vae_resnets(pipe.vae) if mode == "lean" else contextlib.nullcontext():
+                start = time.perf_counter()
+                outputs[mode] = call()
+                times[mode].append(time.perf_counter() - start)
+    stock, lean = statistics.median(times["stock"]), statistics.median(times["lean"])
+    equal = all(torch.equal(a, b) for a, b in zip(outputs["stock"], outputs["lean"], strict=True))
+    result = {"side": side, "stock_s": round(stock, 2), "lean_s": round(lean, 2), "speedup": round(stock / lean, 3)}
+    result["bitwise_equal"] = equal
+    logging.info("lean VAE resnets: %s", json.dumps(result))
+    return result
+
+
+@torch.no_grad()
 def compile_check(repeats: int) -> dict:
     """torch.compile's effect on one ControlNet + UNet step of the ``mid`` config (full size takes too long to
     compile on two CPU cores): compile time, median step time before and after, max difference."""
@@ -419,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quality-steps", type=int, default=2, help="quality steps measured (of 50)")
     parser.add_argument("--fast-steps", type=int, default=10, help="fast steps measured (of 10; fewer: extrapolated)")
     parser.add_argument("--presets", default="quality,turbo,onestep,fast,onestep-bf16")
-    parser.add_argument("--checks", default="channels_last,compile", help="comma list, or 'none'")
+    parser.add_argument(
+        "--checks", default="channels_last,compile", help="comma list (channels_last, compile, lean_vae), or 'none'"
+    )
     parser.add_argument("--checks-only", action="store_true")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats in the checks")
     parser.add_argument("--json", type=Path, help="write all results here")
@@ -485,6 +516,10 @@ def main(argv: list[str] | None = None) -> int:
             to_dtype(pipe, dtype)
             report["channels_last"][str(dtype)] = channels_last_check(pipe, dtype, args.repeats)
         print(json.dumps({"channels_last": report["channels_last"]}, indent=1))
+    if "lean_vae" in checks:
+        to_dtype(pipe, torch.float32)
+        report["lean_vae"] = lean_vae_check(pipe, args.repeats)
+        print(json.dumps({"lean_vae": report["lean_vae"]}, indent=1))
     pipe = None
     gc.collect()
     if "compile" in checks:
