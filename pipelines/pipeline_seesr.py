@@ -129,15 +129,8 @@ class SeeSRPipeline(SRPipelineMixin, InstalledCodeLoaderMixin, DiffusionPipeline
                     f"{name} must be a {cls.__name__} (load SeeSR folders with {cls.__name__}.from_pretrained; a "
                     f"stock diffusers class silently drops the RCA weights), got {type(module).__name__}"
                 )
-        self.register_modules(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            controlnet=controlnet,
-            scheduler=scheduler,
-            prompt_extractor=prompt_extractor,
-        )
+        models = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "unet": unet}
+        self.register_modules(**models, controlnet=controlnet, scheduler=scheduler, prompt_extractor=prompt_extractor)
         unknown = sorted(set(sampling_defaults or {}) - set(SAMPLING_DEFAULTS))
         if unknown:
             raise ValueError(

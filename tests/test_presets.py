@@ -2,6 +2,7 @@
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,3 +128,15 @@ def test_help_shows_the_preset_table():
     for name in PRESETS:
         assert name in table
     assert "steps" in table and "guidance" in table and "speed" in table
+
+
+def test_help_speeds_are_the_readmes_measured_figures():
+    """--help's speed column shows the README preset table's measured ratios (no placeholders)."""
+    from pipelines.presets import MEASURED_SPEEDUP
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in PRESETS:
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
+        speed = row.rstrip(" |").rsplit("|", 1)[1].strip()
+        assert speed.split()[0] == MEASURED_SPEEDUP[name].split()[0], (name, speed, MEASURED_SPEEDUP[name])
+        assert MEASURED_SPEEDUP[name].split()[0] in preset_table()

@@ -215,7 +215,7 @@ def test_the_generator_timestep_is_the_exported_pipelines(inputs, tmp_path):
     pipe = OSEDiffPipeline.from_pretrained(tmp_path / "pipe")
     assert pipe.config.timestep == 250
     image = Image.open(inputs["lq"])
-    lq, _ = pipe.prepare_lq([image], 4, 32)
+    lq = pipe.prepare_lq([image], 4, 32).unit()
     embeds = pipe.encode_prompt(pipe.build_prompts(lq, [""]))
     with torch.no_grad():
         _, expected = generator_model(lq * 2 - 1, embeds, torch.Generator().manual_seed(0))
