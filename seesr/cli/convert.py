@@ -13,45 +13,33 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from seesr.cli_options import add_dtype, add_output, add_overwrite
-from seesr.cli_options import dtype as dtype_name
-from seesr.dtypes import torch_dtype as to_torch_dtype
+
+from .convert_common import (
+    ConversionError,
+    DAPEFiles,
+    check_dape_files,
+    check_inputs,
+    check_replaceable,
+    check_sd_folder,
+    dape_model,
+    load_text_and_vae,
+    prompt_extractor_of,
+    require_file,
+    save_folder,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class ConversionError(ValueError):
-    """A released file is missing or does not match what the converter expects."""
-
-
-@dataclass
-class DAPEFiles:
-    """The released RAM/DAPE files; ``architecture`` overrides DAPEModel config fields (default: the release)."""
-
-    ram: Path
-    dape: Path | None
-    tag_list: Path
-    thresholds: Path
-    architecture: dict | None = None
-
-
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise ConversionError(f"{path}: {what} not found")
-    return path
 
 
 def _check_seesr_folder(seesr_dir: Path) -> None:
     import json
 
     for name in ("unet", "controlnet"):
-        config = _require(seesr_dir / name / "config.json", f"the SeeSR {name} config")
+        config = require_file(seesr_dir / name / "config.json", f"the SeeSR {name} config")
         weights = [seesr_dir / name / f"diffusion_pytorch_model.{ext}" for ext in ("safetensors", "bin")]
         if not any(w.exists() for w in weights):
             raise ConversionError(f"{seesr_dir / name}: no diffusion_pytorch_model.safetensors or .bin")
@@ -61,87 +49,6 @@ def _check_seesr_folder(seesr_dir: Path) -> None:
             raise ConversionError(f"{config}: not valid JSON ({error})") from None
         if not fields.get("use_image_cross_attention"):
             raise ConversionError(f'{config}: not a SeeSR {name} (no "use_image_cross_attention": true)')
-
-
-def _check_dape_files(dape: DAPEFiles) -> None:
-    for path, what in ((dape.ram, "RAM checkpoint"), (dape.tag_list, "RAM tag list"), (dape.thresholds, "thresholds")):
-        _require(path, what)
-    if dape.dape is not None:
-        _require(dape.dape, "DAPE checkpoint")
-
-
-def _dape_model(dape: DAPEFiles):
-    """The converted, merged float32 DAPEModel."""
-    import torch
-
-    from dape.convert import convert_ram_checkpoint
-
-    logger.info("converting RAM %s + DAPE %s", dape.ram, dape.dape)
-    return convert_ram_checkpoint(
-        dape.ram, dape.dape, dape.tag_list, dape.thresholds, architecture=dape.architecture, dtype=torch.float32
-    )
-
-
-def _prompt_extractor(dape: DAPEFiles | None, unet: Any = None, unet_name: str = "UNet"):
-    """The DAPE prompt extractor (None without DAPE files); with ``unet``, its tokens must fit the UNet's RCA."""
-    if dape is None:
-        return None
-    model = _dape_model(dape)
-    width = model.image_proj.out_features
-    expected = None if unet is None else unet.config.image_cross_attention_dim
-    if expected is not None and width != expected:
-        raise ConversionError(f"{dape.ram}: DAPE tokens are {width} wide, the {unet_name} expects {expected}")
-    return model
-
-
-def _check_sd_folder(
-    sd: str,
-    kind: str = "Stable Diffusion",
-    example: str = "stabilityai/stable-diffusion-2-base",
-    subfolders: tuple[str, ...] = ("vae", "text_encoder", "tokenizer", "scheduler"),
-) -> None:
-    """A diffusers folder of ``kind`` with ``subfolders`` (or a hub id such as ``example``, not checked here)."""
-    path = Path(sd)
-    if not path.exists():
-        if sd.count("/") == 1 and not sd.startswith((".", "/")):
-            return  # a hub id: diffusers resolves it (and reports what is missing)
-        raise ConversionError(f"{sd}: {kind} folder not found (a local path or a hub id such as {example})")
-    for name in subfolders:
-        _require(path / name, f"the {kind} {name}/ folder")
-
-
-def _check_inputs(
-    output_dir: Path, dtype: str, overwrite: bool, dape: DAPEFiles | None, *folder_checks: Callable[[], None]
-) -> Any:
-    """The checks every converter makes before it loads anything; returns the torch dtype of ``dtype``."""
-    try:
-        dtype = dtype_name(dtype)
-    except argparse.ArgumentTypeError as error:
-        raise ConversionError(f"dtype: {error}") from None
-    check_replaceable(output_dir, overwrite)
-    for check in folder_checks:
-        check()
-    if dape is not None:
-        _check_dape_files(dape)
-    return to_torch_dtype(dtype)
-
-
-def _load_text_and_vae(source: str, torch_dtype: Any, unet: Any, unet_name: str, hint: str = "") -> tuple:
-    """(vae, text_encoder, tokenizer) of the diffusers folder or hub id ``source`` (``torch_dtype`` None: as saved);
-    the text encoder must be as wide as ``unet``'s cross-attention (else an error naming ``unet_name``, + ``hint``)."""
-    from diffusers import AutoencoderKL
-    from transformers import AutoTokenizer, CLIPTextModel
-
-    dtype_kwargs = {} if torch_dtype is None else {"torch_dtype": torch_dtype}
-    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **dtype_kwargs)
-    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **dtype_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
-    width, expected = text_encoder.config.hidden_size, unet.config.cross_attention_dim
-    if width != expected:
-        raise ConversionError(
-            f"{source}: the text encoder is {width} wide but the {unet_name} expects {expected}" + hint
-        )
-    return vae, text_encoder, tokenizer
 
 
 def convert_seesr(
@@ -168,10 +75,8 @@ def convert_seesr(
     from . import convert_turbo
 
     seesr_dir, output_dir = Path(seesr_dir), Path(output_dir)
-    check_base = partial(convert_turbo.check_turbo_folder if turbo else _check_sd_folder, sd)
-    torch_dtype = _check_inputs(
-        output_dir, dtype, overwrite, dape, check_base, partial(_check_seesr_folder, seesr_dir)
-    )
+    check_base = partial(convert_turbo.check_turbo_folder if turbo else check_sd_folder, sd)
+    torch_dtype = check_inputs(output_dir, dtype, overwrite, dape, check_base, partial(_check_seesr_folder, seesr_dir))
     variant = {}
     if turbo:
         unet, _ = convert_turbo.assemble_turbo_unet(sd, seesr_dir, torch_dtype)
@@ -192,8 +97,8 @@ def convert_seesr(
         )
     logger.info("loading the VAE and text encoder from %s", sd)
     hint = "" if turbo else " (use the Stable Diffusion 2 base model SeeSR was trained on)"
-    vae, text_encoder, tokenizer = _load_text_and_vae(sd, torch_dtype, unet, "UNet", hint)
-    prompt_extractor = _prompt_extractor(dape, unet, "UNet")
+    vae, text_encoder, tokenizer = load_text_and_vae(sd, torch_dtype, unet, "UNet", hint)
+    prompt_extractor = prompt_extractor_of(dape, unet, "UNet")
     pipe = SeeSRPipeline(
         vae, text_encoder, tokenizer, unet, controlnet, scheduler, prompt_extractor=prompt_extractor, **variant
     )
@@ -202,36 +107,13 @@ def convert_seesr(
     return output_dir
 
 
-def check_replaceable(output_dir: Path, overwrite: bool) -> None:
-    """Refuse an existing ``output_dir`` unless ``overwrite`` and it is empty or a saved model / pipeline folder."""
-    if not output_dir.exists():
-        return
-    if not overwrite:
-        raise ConversionError(f"{output_dir}: already exists (pass --overwrite to replace it)")
-    if not output_dir.is_dir():
-        raise ConversionError(f"{output_dir}: exists and is not a folder; refusing to replace it")
-    if any(output_dir.iterdir()) and not any((output_dir / n).is_file() for n in ("model_index.json", "config.json")):
-        raise ConversionError(
-            f"{output_dir}: --overwrite replaces only an empty folder or a saved pipeline/model folder "
-            "(model_index.json or config.json); this one holds other files, refusing to delete it"
-        )
-
-
-def save_folder(model: Any, output_dir: Path) -> None:
-    """``model.save_pretrained`` (safetensors) into a temporary sibling of ``output_dir``, then swapped into place
-    (never half-written)."""
-    from seesr.staging import write_folder
-
-    write_folder(output_dir, lambda folder: model.save_pretrained(folder, safe_serialization=True))
-
-
 def convert_dape(dape: DAPEFiles, output_dir: str | Path, overwrite: bool = False) -> Path:
     """A standalone DAPEModel folder (float32 safetensors) from the released RAM (+ DAPE) files, e.g. for
     ``train_dape.py``'s ``dape_model`` (plain RAM, no DAPE.pth) or ``seesr tag``."""
     output_dir = Path(output_dir)
     check_replaceable(output_dir, overwrite)
-    _check_dape_files(dape)
-    model = _dape_model(dape)
+    check_dape_files(dape)
+    model = dape_model(dape)
     save_folder(model, output_dir)
     logger.info("wrote %s (%d tags)", output_dir, model.num_classes)
     return output_dir

@@ -13,13 +13,13 @@ import logging
 from functools import partial
 from pathlib import Path
 
-from .convert import (
+from .convert_common import (
     ConversionError,
     DAPEFiles,
-    _check_inputs,
-    _check_sd_folder,
-    _load_text_and_vae,
-    _prompt_extractor,
+    check_inputs,
+    check_sd_folder,
+    load_text_and_vae,
+    prompt_extractor_of,
     save_folder,
 )
 
@@ -43,18 +43,18 @@ def convert_osediff(
     from ..models.onestep import OSEDiffCheckpointError, load_osediff_checkpoint, read_osediff_checkpoint
 
     output_dir = Path(output_dir)
-    torch_dtype = _check_inputs(output_dir, dtype, overwrite, dape, partial(_check_sd_folder, sd))
+    torch_dtype = check_inputs(output_dir, dtype, overwrite, dape, partial(check_sd_folder, sd))
     try:
         checkpoint = read_osediff_checkpoint(osediff)
         logger.info("loading Stable Diffusion components from %s", sd)
         unet = UNet2DConditionModel.from_pretrained(sd, subfolder="unet")
         hint = " (use the Stable Diffusion 2.1 base model OSEDiff was trained on)"
-        vae, text_encoder, tokenizer = _load_text_and_vae(sd, None, unet, "UNet", hint)  # float32: LoRA loads first
+        vae, text_encoder, tokenizer = load_text_and_vae(sd, None, unet, "UNet", hint)  # float32: LoRA loads first
         load_osediff_checkpoint(checkpoint, unet, vae)
     except OSEDiffCheckpointError as error:
         raise ConversionError(str(error)) from None
     scheduler = DDPMScheduler.from_pretrained(sd, subfolder="scheduler")
-    prompt_extractor = _prompt_extractor(dape)
+    prompt_extractor = prompt_extractor_of(dape)
     for model in (unet, vae, text_encoder):
         model.to(dtype=torch_dtype)
     pipe = OSEDiffPipeline(

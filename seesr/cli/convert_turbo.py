@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .convert import (
+from .convert_common import (
     ConversionError,
-    _check_sd_folder,
+    check_sd_folder,
 )
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class TurboUNetReport:
 
 def check_turbo_folder(sd_turbo: str) -> None:
     """An SD-Turbo diffusers folder (or a hub id such as stabilityai/sd-turbo), before anything loads."""
-    _check_sd_folder(
+    check_sd_folder(
         sd_turbo, "SD-Turbo", "stabilityai/sd-turbo", ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
     )
 
