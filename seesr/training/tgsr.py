@@ -375,7 +375,7 @@ def build_model(cfg: TGSRTrainConfig, text_dim: int) -> TGSRModel:
 
 def extend_model(model: TGSRModel, overrides: dict[str, Any]) -> TGSRModel:
     """`model` rebuilt with the `model:` settings `overrides` and its weights copied over: settings that only ADD
-    modules (e.g. `text_fusion: all` and `text_concepts` on a `both` model) give a model that starts exactly as
+    modules (e.g. `text_fusion: all` and `text_projection` on a `both` model) give a model that starts exactly as
     `model` (new text paths start at zero); a setting that drops or reshapes a trained weight is an error."""
     config = {k: v for k, v in model.config.items() if not k.startswith("_")}
     config.update({k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
